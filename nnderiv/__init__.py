@@ -1,0 +1,44 @@
+"""nnderiv: every input derivative, up to order three, of a trained neural network.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn, nnderiv
+>>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
+>>> net = nnderiv.from_flax(model, model.init(jax.random.PRNGKey(0), jnp.ones(2)))
+>>> d = nnderiv.derivs_fn(net, order=3)(jnp.zeros((4, 2)))
+>>> d.hessian.shape
+(4, 1, 2, 2)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._activations import ACTIVATIONS as ACTIVATIONS
+from ._api import ORDERS as ORDERS
+from ._api import DerivsFn as DerivsFn
+from ._api import derivatives as derivatives
+from ._api import derivs_fn as derivs_fn
+from ._derivatives import Derivatives as Derivatives
+from ._flax import from_flax as from_flax
+from ._flax import from_function as from_function
+from ._network import Network as Network
+from ._network import NotAnMLPError as NotAnMLPError
+from ._symmetric import sorted_tuples as packed_indices
+from .methods import METHODS as METHODS
+
+try:
+    __version__ = version("nnderiv")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "METHODS",
+    "ORDERS",
+    "Derivatives",
+    "DerivsFn",
+    "Network",
+    "NotAnMLPError",
+    "derivatives",
+    "derivs_fn",
+    "from_flax",
+    "from_function",
+    "packed_indices",
+]

@@ -1,0 +1,411 @@
+"""The wrapped model, and the analysis that reads an MLP's layers off its trace.
+
+A :class:`Network` is a pytree holding the model's parameters (its leaves, so that it
+can be traced, differentiated and passed through ``jit``) and a static specification
+(the apply function). Every method works from ``net.apply_point(x)``; the analytic
+kernels additionally need the *layered* form
+
+    a_0 = x,  stage_1, stage_2, ..., stage_L,   stage = affine  |  elementwise,
+
+which :func:`mlp_structure` reads off the jaxpr of one forward pass:
+
+* variables depending on the input are *live*; the rest depend only on the parameters
+  (*param*) or on nothing (*pure*) and are evaluated once per call, before the kernel;
+* a live ``dot_general`` against a parameter matrix, followed by ``add`` of a parameter
+  vector, is an affine stage;
+* a maximal run of elementwise live equations between affine stages is an elementwise
+  stage, identified as a known activation by its values (see ``_activations``) or
+  differentiated generically.
+
+Anything else on the live path (a reduction, a convolution, a skip connection) means the
+model is not an MLP; the reason is kept so that ``method="analytic"`` can name it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _activations, _jaxpr
+
+_LIVE, _PARAM, _PURE = "live", "param", "pure"
+
+# Primitives that act elementwise on same-shaped operands (scalars broadcast).
+_ELEMENTWISE = frozenset(
+    """neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh
+    acosh atanh sqrt rsqrt cbrt abs sign floor ceil round erf erfc erf_inv lgamma digamma
+    integer_pow square reciprocal is_finite not convert_element_type copy copy_p
+    stop_gradient add sub mul div max min pow atan2 rem nextafter eq ne lt le gt ge and or
+    select_n clamp""".split()
+)
+_RESHAPES = frozenset({"reshape", "squeeze", "expand_dims"})
+
+
+class NotAnMLPError(ValueError):
+    """Raised by the analytic method for a model that is not a plain MLP."""
+
+
+@dataclasses.dataclass(eq=False)
+class ModelSpec:
+    """The static part of a :class:`Network`; compared and hashed by identity."""
+
+    apply: Callable[[Any, jax.Array], jax.Array]
+    name: str
+    input_dim: int | None
+    cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+@jax.tree_util.register_pytree_node_class
+class Network:
+    """A trained model wrapped for :func:`nnderiv.derivatives`.
+
+    Build one with :func:`nnderiv.from_flax` or :func:`nnderiv.from_function`. It is a
+    pytree whose leaves are the model's parameters, so it passes through ``jit``,
+    ``vmap`` and ``grad`` like any other argument.
+    """
+
+    def __init__(self, params: Any, spec: ModelSpec):
+        self.params = params
+        self.spec = spec
+
+    def tree_flatten(self):
+        return (self.params,), self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(children[0], spec)
+
+    @property
+    def input_dim(self) -> int | None:
+        """The number of inputs ``m``, where known from the parameters."""
+        return self.spec.input_dim
+
+    def apply_point(self, x: jax.Array) -> jax.Array:
+        """The model at one point ``x`` of shape ``(m,)``, as a vector of shape ``(n,)``."""
+        y = self.spec.apply(self.params, x)
+        return jnp.reshape(y, (-1,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The model on ``x`` of shape ``(*batch, m)``: outputs of shape ``(*batch, n)``."""
+        x = jnp.asarray(x)
+        flat = x.reshape(-1, x.shape[-1])
+        return jax.vmap(self.apply_point)(flat).reshape(*x.shape[:-1], -1)
+
+    def describe(self, input_dim: int | None = None, dtype=None) -> str:
+        """A one-line-per-stage description of the layers the analytic kernel sees."""
+        m = input_dim or self.input_dim
+        if m is None:
+            raise ValueError("describe() needs input_dim: the model's input size is not known")
+        dtype = dtype or jnp.result_type(float)
+        structure = mlp_structure(self, m, dtype)
+        if isinstance(structure, str):
+            return f"{self.spec.name}: not an MLP ({structure})"
+        return "\n".join([f"{self.spec.name} (m={m})"] + [f"  {s.describe()}" for s in structure.stages])
+
+    def __repr__(self) -> str:
+        return f"Network({self.spec.name}, input_dim={self.input_dim})"
+
+
+# --------------------------------------------------------------------------------------
+# The layered form.
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineStage:
+    weight: _jaxpr.Operand
+    transpose: bool  # weight is stored (out, in)
+    biases: tuple[tuple[_jaxpr.Operand, float], ...]  # (operand, sign)
+    fan_in: int
+    fan_out: int
+
+    def describe(self) -> str:
+        return f"affine {self.fan_in} -> {self.fan_out}" + (" + bias" if self.biases else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwiseStage:
+    source: _jaxpr.FlatVar
+    result: _jaxpr.FlatVar
+    eqns: tuple[_jaxpr.FlatEqn, ...]
+    width: int
+    activation: _activations.Activation | None  # None: generic, depends on parameters
+
+    def describe(self) -> str:
+        if self.activation is None:
+            return f"elementwise ({len(self.eqns)} ops, parameter-dependent, generic derivatives)"
+        kind = "closed form" if self.activation.closed_form else "generic derivatives"
+        return f"{self.activation.name} ({kind})"
+
+    def function(self, env: dict) -> Callable[[jax.Array], jax.Array]:
+        program = _jaxpr.FlatProgram((self.source,), (self.result,), self.eqns)
+
+        def one_point(z):
+            return _jaxpr.evaluate(program, (z,), dict(env))[0]
+
+        def segment(z):
+            # The traced equations have the shapes of one point baked in: map over the rest.
+            flat = z.reshape(-1, self.width)
+            return jax.vmap(one_point)(flat).reshape(z.shape)
+
+        return segment
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPStructure:
+    program: _jaxpr.FlatProgram
+    prologue: tuple[_jaxpr.FlatEqn, ...]  # parameter-only equations the stages need
+    stages: tuple[AffineStage | ElementwiseStage, ...]
+    output_dim: int
+    dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeAffine:
+    weight: jax.Array  # (in, out)
+    bias: jax.Array | None  # (out,)
+
+
+def trace_program(net: Network, m: int, dtype) -> _jaxpr.FlatProgram:
+    """The flat program of ``(*param_leaves, x) -> y`` for one point ``x`` of shape (m,)."""
+    leaves, treedef = jax.tree_util.tree_flatten(net.params)
+    key = ("program", m, jnp.dtype(dtype).name, treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves))
+    cached = net.spec.cache.get(key)
+    if cached is not None:
+        return cached
+
+    def flat_apply(*args):
+        params = jax.tree_util.tree_unflatten(treedef, args[:-1])
+        return jnp.reshape(net.spec.apply(params, args[-1]), (-1,))
+
+    specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
+    program = _jaxpr.trace_flat(flat_apply, *specs, jax.ShapeDtypeStruct((m,), dtype))
+    net.spec.cache[key] = program
+    return program
+
+
+def mlp_structure(net: Network, m: int, dtype) -> MLPStructure | str:
+    """The layered form of ``net`` for inputs of size ``m``, or why it has none."""
+    program = trace_program(net, m, dtype)
+    key = ("mlp", id(program))
+    if key not in net.spec.cache:
+        net.spec.cache[key] = _analyse(program)
+    return net.spec.cache[key]
+
+
+def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
+    *param_vars, x_var = program.inputs
+    kind: dict[Any, str] = {v: _PARAM for v in param_vars}
+    kind[x_var] = _LIVE
+
+    def kind_of(op) -> str:
+        return _PURE if isinstance(op, _jaxpr.FlatLiteral) else kind[op]
+
+    for eqn in program.eqns:
+        kinds = {kind_of(i) for i in eqn.inputs}
+        k = _LIVE if _LIVE in kinds else _PARAM if _PARAM in kinds else _PURE
+        for out in eqn.outputs:
+            kind[out] = k
+
+    if len(program.outputs) != 1 or kind_of(program.outputs[0]) != _LIVE:
+        return "the output does not depend on the input"
+
+    stages: list = []
+    head = x_var  # the live value the next stage consumes
+    seg_source, seg_eqns, seg_vars = x_var, [], {x_var}
+    affine_open = False
+    finished = False
+
+    def close_segment(result):
+        if seg_eqns:
+            stages.append(ElementwiseStage(seg_source, result, tuple(seg_eqns), result.shape[0], None))
+
+    def where(eqn) -> str:
+        return f"`{eqn.name}`" + (f" in {eqn.where}" if eqn.where else "")
+
+    for eqn in program.eqns:
+        live_in = [i for i in eqn.inputs if kind_of(i) == _LIVE]
+        if not live_in:
+            continue
+        if finished:
+            return f"operation {where(eqn)} follows the output reshape"
+        if any(i not in seg_vars for i in live_in):
+            return f"operation {where(eqn)} combines values from different layers (a skip connection?)"
+        out = eqn.outputs[0]
+        if eqn.name == "dot_general":
+            affine = _as_affine(eqn, kind_of)
+            if isinstance(affine, str):
+                return f"{where(eqn)}: {affine}"
+            result_of_segment = live_in[0]
+            close_segment(result_of_segment)
+            stages.append(affine)
+            head = out
+            seg_source, seg_eqns, seg_vars = out, [], {out}
+            affine_open = True
+        elif (
+            affine_open
+            and eqn.name in ("add", "sub")
+            and len(live_in) == 1
+            and eqn.inputs[0] is head
+            and eqn.inputs[1].shape in ((), head.shape)
+        ) or (
+            affine_open
+            and eqn.name == "add"
+            and len(live_in) == 1
+            and eqn.inputs[1] is head
+            and eqn.inputs[0].shape in ((), head.shape)
+        ):
+            bias = eqn.inputs[1] if eqn.inputs[0] is head else eqn.inputs[0]
+            sign = -1.0 if eqn.name == "sub" else 1.0
+            last = stages[-1]
+            stages[-1] = dataclasses.replace(last, biases=last.biases + ((bias, sign),))
+            head = out
+            seg_source, seg_vars = out, {out}
+        elif eqn.name in _ELEMENTWISE and all(o.shape == head.shape for o in eqn.outputs) and all(
+            i.shape in ((), head.shape) for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral)
+        ):
+            affine_open = False
+            seg_eqns.append(eqn)
+            seg_vars.update(eqn.outputs)
+        elif eqn.name in _RESHAPES and int(np.prod(out.shape)) == int(np.prod(live_in[0].shape)):
+            close_segment(live_in[0])
+            seg_eqns, seg_vars = [], {out}
+            head = out
+            finished = True
+        else:
+            return f"operation {where(eqn)} is not an affine layer or an elementwise activation"
+
+    result = program.outputs[0]
+    if result not in seg_vars:
+        return "the output is not the last layer's value"
+    if not finished:
+        close_segment(result)
+    if not stages:
+        return "no layers found"
+
+    stages = [_identify(s, program, kind) if isinstance(s, ElementwiseStage) else s for s in stages]
+    prologue = _prologue(program, stages, kind)
+    return MLPStructure(program, prologue, tuple(stages), int(np.prod(result.shape)), result.dtype)
+
+
+def _as_affine(eqn, kind_of) -> AffineStage | str:
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.inputs
+    if lhs_b or rhs_b:
+        return "batched matrix products are not affine layers"
+    live_first = kind_of(lhs) == _LIVE
+    if kind_of(lhs) == _LIVE and kind_of(rhs) == _LIVE:
+        return "a product of two input-dependent values is not an affine layer"
+    vec, mat = (lhs, rhs) if live_first else (rhs, lhs)
+    vec_c, mat_c = (lhs_c, rhs_c) if live_first else (rhs_c, lhs_c)
+    if len(vec.shape) != 1 or tuple(vec_c) != (0,) or len(mat.shape) != 2 or len(mat_c) != 1:
+        return f"expected a vector times a matrix, got shapes {vec.shape} and {mat.shape}"
+    transpose = tuple(mat_c) == (1,)
+    fan_in, fan_out = (mat.shape[1], mat.shape[0]) if transpose else mat.shape
+    return AffineStage(mat, transpose, (), int(fan_in), int(fan_out))
+
+
+def _identify(stage: ElementwiseStage, program, kind) -> ElementwiseStage:
+    """Attach an activation to a segment whose constants do not depend on parameters."""
+    internal = set()
+    for eqn in stage.eqns:
+        internal.update(eqn.outputs)
+    external = [
+        i
+        for eqn in stage.eqns
+        for i in eqn.inputs
+        if not isinstance(i, _jaxpr.FlatLiteral) and i is not stage.source and i not in internal
+    ]
+    if any(kind[i] == _PARAM for i in external):
+        return stage  # parameter-dependent: generic derivatives, built per call
+    with jax.ensure_compile_time_eval():
+        env = _evaluate_pure(program, kind, external)
+        segment = stage.function(env)
+        probes = jnp.asarray(_activations.PROBE_POINTS, dtype=stage.source.dtype)
+        values = np.asarray(segment(jnp.broadcast_to(probes[:, None], (len(probes), stage.width))))
+    activation = None
+    if np.all(values == values[:, :1]):
+        activation = _activations.recognize(values[:, 0], stage.source.dtype)
+    if activation is None:
+        activation = _activations.generic(segment)
+    return dataclasses.replace(stage, activation=activation)
+
+
+def _evaluate_pure(program, kind, wanted) -> dict:
+    """Concrete values of the pure (parameter- and input-free) variables in ``wanted``."""
+    needed = set(wanted)
+    eqns = []
+    for eqn in reversed(program.eqns):
+        if any(o in needed for o in eqn.outputs):
+            eqns.append(eqn)
+            needed.update(i for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral))
+    env: dict = {}
+    for eqn in reversed(eqns):
+        values = [i.value if isinstance(i, _jaxpr.FlatLiteral) else env[i] for i in eqn.inputs]
+        env.update(zip(eqn.outputs, _jaxpr.bind(eqn, values)))
+    return env
+
+
+def _prologue(program, stages, kind) -> tuple[_jaxpr.FlatEqn, ...]:
+    """The non-live equations that compute the stages' weights, biases and constants."""
+    needed = set()
+    for stage in stages:
+        if isinstance(stage, AffineStage):
+            needed.add(stage.weight)
+            needed.update(b for b, _ in stage.biases)
+        elif stage.activation is None:
+            for eqn in stage.eqns:
+                needed.update(eqn.inputs)
+    needed = {n for n in needed if not isinstance(n, _jaxpr.FlatLiteral)}
+    eqns = []
+    for eqn in reversed(program.eqns):
+        if kind[eqn.outputs[0]] != _LIVE and any(o in needed for o in eqn.outputs):
+            eqns.append(eqn)
+            needed.update(i for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral))
+    return tuple(reversed(eqns))
+
+
+def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
+    """Evaluate the prologue with the network's (possibly traced) parameters.
+
+    Returns a list of :class:`RuntimeAffine` and :class:`~nnderiv._activations.Activation`,
+    with weights cast to the computation ``dtype``.
+    """
+    leaves = jax.tree_util.tree_leaves(net.params)
+    env = dict(zip(structure.program.inputs[:-1], leaves))
+    for eqn in structure.prologue:
+        values = [i.value if isinstance(i, _jaxpr.FlatLiteral) else env[i] for i in eqn.inputs]
+        env.update(zip(eqn.outputs, _jaxpr.bind(eqn, values)))
+
+    def read(op):
+        return jnp.asarray(op.value if isinstance(op, _jaxpr.FlatLiteral) else env[op], dtype)
+
+    out = []
+    for stage in structure.stages:
+        if isinstance(stage, AffineStage):
+            weight = read(stage.weight)
+            weight = weight.T if stage.transpose else weight
+            bias = None
+            for operand, sign in stage.biases:
+                term = jnp.broadcast_to(read(operand) * sign, (stage.fan_out,))
+                bias = term if bias is None else bias + term
+            out.append(RuntimeAffine(weight, bias))
+        elif stage.activation is not None:
+            out.append(stage.activation)
+        else:
+            out.append(_activations.generic(stage.function(env), "parametrised"))
+    return out
+
+
+def output_dim(net: Network, m: int, dtype) -> int:
+    program = trace_program(net, m, dtype)
+    return int(np.prod(program.outputs[0].shape))
+
+
+def check_single_array_output(fn: Callable, params, x_spec) -> Sequence[int]:
+    out = jax.eval_shape(fn, params, x_spec)
+    return out

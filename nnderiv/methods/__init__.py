@@ -1,0 +1,31 @@
+"""The table of methods: name -> ``(net, x (B, m), order) -> Derivatives``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .. import _network
+from .._derivatives import Derivatives
+from .forward import analytic_forward
+from .jet import jet_method
+from .nested import nested
+
+Method = Callable[[_network.Network, object, int], Derivatives]
+
+
+def choose(net, m: int, dtype, order: int) -> str:
+    """The method ``"auto"`` runs: the analytic kernel for MLPs, nested AD otherwise."""
+    structure = _network.mlp_structure(net, m, dtype)
+    return "nested" if isinstance(structure, str) else "analytic"
+
+
+def auto(net, x, order: int) -> Derivatives:
+    return METHODS[choose(net, x.shape[-1], x.dtype, order)](net, x, order)
+
+
+METHODS: dict[str, Method] = {
+    "auto": auto,
+    "analytic": analytic_forward,
+    "jet": jet_method,
+    "nested": nested,
+}

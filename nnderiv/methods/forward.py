@@ -1,0 +1,139 @@
+"""The analytic forward kernel: Faà di Bruno recursion on packed Taylor coefficients.
+
+For every quantity ``q`` of the network (pre-activations ``z``, activations ``a``) we
+carry, per point and unit, its value and its unique input derivatives
+
+    q_j,  q_jk (j <= k),  q_jkl (j <= k <= l),
+
+stacked along one "coefficient" axis: ``(B, K, width)`` with ``K = 1 + m + C(m+1,2) +
+C(m+2,3)`` at order 3. An affine layer is one matmul of the stack (the bias touches the
+value only). An activation ``a = s(z)`` is elementwise in the unit axis:
+
+    a_j   = s' z_j
+    a_jk  = s'' z_j z_k + s' z_jk
+    a_jkl = s''' z_j z_k z_l + s'' (z_jk z_l + z_jl z_k + z_kl z_j) + s' z_jkl
+
+Until the first activation the first derivatives do not depend on the point (they are
+the rows of the first weight matrix) and all higher ones vanish; the kernel keeps that
+state unstacked, so the first layer costs no matmul of the stack and the first
+activation forms its products of weight rows once for the whole batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .. import _network, _symmetric
+from .._derivatives import Derivatives, expand_packed
+
+
+def _blocks(m: int, order: int) -> list[int]:
+    return [_symmetric.num_unique(m, k) for k in range(order + 1)]
+
+
+def _activate_constant(s, rows, m: int, order: int):
+    """Apply an activation while first derivatives are the point-independent ``rows``.
+
+    ``rows``: (m, w); ``s``: the activation's ``(s, s', s'', s''')`` at ``(B, w)``.
+    Returns the stack ``(B, K, w)``.
+    """
+    parts = [s[0][:, None, :]]
+    if order >= 1:
+        parts.append(s[1][:, None, :] * rows[None])
+    if order >= 2:
+        pairs = _symmetric.sorted_tuples(m, 2)
+        parts.append(s[2][:, None, :] * (rows[pairs[:, 0]] * rows[pairs[:, 1]])[None])
+    if order >= 3:
+        j, k, l, *_ = _symmetric.third_order_tables(m)
+        parts.append(s[3][:, None, :] * (rows[j] * rows[k] * rows[l])[None])
+    return jnp.concatenate(parts, axis=1)
+
+
+def _activate_stack(s, stack, m: int, order: int):
+    """Apply an activation to a general stack ``(B, K, w)`` (the rule in the docstring)."""
+    sizes = _blocks(m, order)
+    offsets = [sum(sizes[:k]) for k in range(order + 1)]
+    z = [stack[:, offsets[k] : offsets[k] + sizes[k]] for k in range(order + 1)]
+    s = [si[:, None, :] for si in s]
+    parts = [s[0]]
+    if order >= 1:
+        parts.append(s[1] * z[1])
+    if order >= 2:
+        pairs = _symmetric.sorted_tuples(m, 2)
+        parts.append(s[2] * z[1][:, pairs[:, 0]] * z[1][:, pairs[:, 1]] + s[1] * z[2])
+    if order >= 3:
+        j, k, l, jk, jl, kl = _symmetric.third_order_tables(m)
+        z1, z2 = z[1], z[2]
+        parts.append(
+            s[3] * z1[:, j] * z1[:, k] * z1[:, l]
+            + s[2] * (z2[:, jk] * z1[:, l] + z2[:, jl] * z1[:, k] + z2[:, kl] * z1[:, j])
+            + s[1] * z[3]
+        )
+    return jnp.concatenate(parts, axis=1)
+
+
+def forward_stack(stages, x: jax.Array, order: int) -> jax.Array:
+    """Push the Taylor stack of ``x`` (B, m) through ``stages``; returns (B, K, n)."""
+    batch, m = x.shape
+    value, rows = x, jnp.eye(m, dtype=x.dtype)  # the unstacked state: (B, w), (m, w)
+    stack = None
+    for stage in stages:
+        if isinstance(stage, _network.RuntimeAffine):
+            if stack is None:
+                value = value @ stage.weight
+                rows = rows @ stage.weight
+                if stage.bias is not None:
+                    value = value + stage.bias
+            else:
+                stack = jnp.einsum("bkw,wo->bko", stack, stage.weight)
+                if stage.bias is not None:
+                    stack = stack.at[:, 0].add(stage.bias)
+        else:
+            s = stage.taylor(value if stack is None else stack[:, 0])
+            s = s[: order + 1]
+            if stack is None:
+                stack = _activate_constant(s, rows, m, order)
+            else:
+                stack = _activate_stack(s, stack, m, order)
+    if stack is None:  # an affine (linear) network
+        n = value.shape[-1]
+        parts = [value[:, None, :], jnp.broadcast_to(rows[None], (batch, m, n))]
+        for k in range(2, order + 1):
+            parts.append(jnp.zeros((batch, _symmetric.num_unique(m, k), n), x.dtype))
+        stack = jnp.concatenate(parts[: order + 1], axis=1)
+    return stack
+
+
+def unpack(stack: jax.Array, m: int, order: int) -> Derivatives:
+    """Split a (B, K, n) stack into full derivative tensors with outputs first."""
+    sizes = _blocks(m, order)
+    offsets = [sum(sizes[:k]) for k in range(order + 1)]
+    fields = [stack[:, 0]]
+    for k in range(1, order + 1):
+        block = stack[:, offsets[k] : offsets[k] + sizes[k]]  # (B, P_k, n)
+        block = jnp.moveaxis(block, 2, 1)  # (B, n, P_k)
+        fields.append(block if k == 1 else expand_packed(block, m, k, axis=2))
+    return Derivatives(*fields)
+
+
+def analytic_forward(net, x: jax.Array, order: int) -> Derivatives:
+    """The forward kernel on a batch ``x`` of shape (B, m)."""
+    structure = _network.mlp_structure(net, x.shape[-1], x.dtype)
+    if isinstance(structure, str):
+        raise _network.NotAnMLPError(
+            f"method='analytic' needs a plain MLP (affine layers and elementwise activations), "
+            f"but this model is not one: {structure}. Use method='nested' or method='jet', "
+            f"which work on any model, or method='auto', which picks one."
+        )
+    stages = _network.runtime_stages(net, structure, structure.dtype)
+    x = x.astype(structure.dtype)
+    if order == 0:
+        value = x
+        for stage in stages:
+            if isinstance(stage, _network.RuntimeAffine):
+                value = value @ stage.weight + (0 if stage.bias is None else stage.bias)
+            else:
+                value = stage(value)
+        return Derivatives(value)
+    return unpack(forward_stack(stages, x, order), x.shape[-1], order)
