@@ -184,7 +184,6 @@ def recognize(values: np.ndarray, dtype) -> Activation | None:
     values = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(values)):
         return None
-    probes = jnp.asarray(PROBE_POINTS, dtype=dtype)
     # Same ops on the same dtype agree to a few ulps; distinct activations differ by far
     # more (gelu_tanh vs gelu_erf by ~1e-3).
     tol = 64 * float(jnp.finfo(dtype).eps)
@@ -193,7 +192,9 @@ def recognize(values: np.ndarray, dtype) -> Activation | None:
         ref = np.asarray(ref, dtype=np.float64)
         return bool(np.all(np.abs(values - ref) <= tol * (1.0 + np.abs(ref))))
 
+    # Evaluate eagerly even when called while tracing (arrays made inside the block).
     with jax.ensure_compile_time_eval():
+        probes = jnp.asarray(PROBE_POINTS, dtype=dtype)
         for name, fn in _REFERENCE_VALUES.items():
             if close(fn(probes)):
                 return ACTIVATIONS[name]

@@ -1,0 +1,202 @@
+"""The public surface: shapes, options, errors, retracing, and use inside transformations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nnderiv
+
+from . import _models
+from .helpers import assert_derivatives_close
+
+
+@pytest.fixture(scope="module")
+def case():
+    return _models.linen_mlp(3, [8, 8], 2, "tanh", seed=2)
+
+
+@pytest.fixture(scope="module")
+def net(case):
+    return case.net()
+
+
+def test_public_names():
+    for name in ["from_flax", "derivs_fn", "derivatives", "Derivatives", "METHODS"]:
+        assert hasattr(nnderiv, name)
+    assert set(nnderiv.METHODS) == {"analytic", "jet", "nested", "auto"}
+    assert nnderiv.Derivatives._fields == ("value", "jacobian", "hessian", "third")
+
+
+def test_unknown_method_lists_valid_ones(net):
+    with pytest.raises(ValueError, match=r"unknown method 'fast'.*'analytic'.*'auto'.*'jet'.*'nested'"):
+        nnderiv.derivs_fn(net, method="fast")
+    with pytest.raises(ValueError, match="unknown method"):
+        nnderiv.derivatives(net, jnp.ones(3), method="Nested")
+
+
+@pytest.mark.parametrize("order", [-1, 4, 2.0, "3", True, None])
+def test_bad_order_lists_valid_ones(net, order):
+    with pytest.raises(ValueError, match=r"order must be one of \(0, 1, 2, 3\)"):
+        nnderiv.derivs_fn(net, order=order)
+
+
+def test_wrong_input_size(net):
+    with pytest.raises(ValueError, match=r"x has 4 features .* model takes 3; pass x of shape \(\*batch, 3\)"):
+        nnderiv.derivatives(net, jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="model takes 3"):
+        nnderiv.derivs_fn(net)(jnp.ones(5))
+
+
+def test_scalar_input(net):
+    with pytest.raises(ValueError, match="scalar"):
+        nnderiv.derivatives(net, 1.0)
+
+
+@pytest.mark.parametrize("x", [jnp.ones(3, jnp.complex128), jnp.ones(3, bool)], ids=["complex", "bool"])
+def test_bad_dtype(net, x):
+    with pytest.raises(TypeError, match="dtype"):
+        nnderiv.derivatives(net, x)
+    with pytest.raises(TypeError, match="dtype"):
+        nnderiv.derivs_fn(net)(x)
+
+
+def test_integer_and_list_inputs_are_promoted(net):
+    expected = nnderiv.derivatives(net, jnp.array([1.0, 2.0, 3.0]))
+    for x in (jnp.array([1, 2, 3]), [1, 2, 3], np.array([1.0, 2.0, 3.0])):
+        got = nnderiv.derivs_fn(net)(x)
+        assert got.value.dtype == jnp.float64
+        assert_derivatives_close(got, expected, 1e-14, "promoted")
+
+
+def test_not_a_network():
+    with pytest.raises(TypeError, match="from_flax"):
+        nnderiv.derivatives(lambda x: x, jnp.ones(3))
+
+
+def test_no_retrace_on_repeated_calls(net):
+    derivs = nnderiv.derivs_fn(net, order=3)
+    for i in range(5):
+        derivs(jnp.full((4, 3), float(i)))
+    assert derivs.trace_count == 1
+    derivs(jnp.ones((7, 3)))  # a new shape compiles once more
+    derivs(jnp.zeros((7, 3)))
+    assert derivs.trace_count == 2
+
+
+def test_derivatives_is_a_pytree(net):
+    d = nnderiv.derivs_fn(net, order=2)(jnp.ones((2, 3)))
+    assert d.third is None and d.order == 2
+    leaves = jax.tree_util.tree_leaves(d)
+    assert len(leaves) == 3
+    doubled = jax.tree_util.tree_map(lambda a: 2 * a, d)
+    np.testing.assert_allclose(doubled.hessian, 2 * d.hessian)
+
+
+def test_packed_layout(net):
+    d = nnderiv.derivs_fn(net)(jnp.ones((2, 3)))
+    packed = d.packed(3)
+    idx = nnderiv.packed_indices(3, 3)
+    assert packed.shape == (2, 2, len(idx))
+    for slot, (j, k, l) in enumerate(idx):
+        np.testing.assert_array_equal(packed[..., slot], d.third[..., j, k, l])
+    with pytest.raises(ValueError, match="order 1, 2 or 3"):
+        d.packed(0)
+
+
+def test_tensors_are_symmetric(net):
+    d = nnderiv.derivs_fn(net, method="analytic")(_models.points(3, (3,)))
+    np.testing.assert_array_equal(d.hessian, np.swapaxes(d.hessian, -1, -2))
+    for perm in [(0, 1, 2, 4, 3), (0, 1, 3, 2, 4), (0, 1, 4, 3, 2)]:
+        np.testing.assert_array_equal(d.third, np.transpose(d.third, perm))
+
+
+@pytest.mark.parametrize("method", ["analytic", "jet", "nested"])
+def test_inside_user_jit_vmap_and_scan(net, method):
+    xs = _models.points(3, (6,))
+    expected = nnderiv.derivatives(net, xs, method="nested")
+
+    @jax.jit
+    def under_jit(x):
+        return nnderiv.derivatives(net, x, method=method)
+
+    assert_derivatives_close(under_jit(xs), expected, 1e-12, "jit")
+    vmapped = jax.vmap(lambda x: nnderiv.derivatives(net, x, method=method))(xs)
+    assert_derivatives_close(vmapped, expected, 1e-12, "vmap")
+
+    def step(carry, x):
+        d = nnderiv.derivatives(net, x, method=method)
+        return carry + d.third.sum(), d
+
+    total, scanned = jax.lax.scan(step, 0.0, xs)
+    assert_derivatives_close(scanned, expected, 1e-12, "scan")
+    np.testing.assert_allclose(total, expected.third.sum(), rtol=1e-12)
+
+
+def test_jitted_derivs_inside_simulation_loop(net):
+    """The intended use: a jitted derivs called from jitted simulation code."""
+    derivs = nnderiv.derivs_fn(net, order=3)
+
+    @jax.jit
+    def simulate(x0):
+        def step(x, _):
+            d = derivs(x)
+            # A damped Newton-like step that touches all four outputs.
+            update = d.value[0] * d.jacobian[0] + 1e-3 * d.hessian[0].sum(-1) + 1e-4 * d.third[0].sum((-1, -2))
+            return x - 0.01 * update, d.value[0]
+
+        return jax.lax.scan(step, x0, None, length=20)
+
+    x_final, values = simulate(jnp.array([0.3, -0.2, 0.5]))
+    assert values.shape == (20,) and bool(jnp.all(jnp.isfinite(values)))
+
+
+@pytest.mark.parametrize("method", ["analytic", "jet"])
+def test_parameter_gradients_match_nested(case, method):
+    """d/dparams of a loss containing third derivatives, through each method."""
+    xs = _models.points(3, (4,))
+
+    def loss(variables, method):
+        d = nnderiv.derivatives(nnderiv.from_flax(case.module, variables), xs, method=method)
+        return jnp.sum(d.third**2) + jnp.sum(d.hessian * d.value[..., None, None]) + jnp.sum(d.jacobian)
+
+    expected = jax.grad(loss)(case.variables, "nested")
+    got = jax.grad(loss)(case.variables, method)
+    for e, g in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10 * float(np.max(np.abs(e))))
+
+
+def test_pinn_training_step_through_analytic_kernel():
+    """A KdV-style residual u_t + 6 u u_x + u_xxx trained with optax through the kernel."""
+    import optax
+
+    case = _models.linen_mlp(2, [12, 12], 1, "tanh", seed=9, scale=1.0)
+    xs = _models.points(2, (16,))
+    optimizer = optax.adam(1e-3)
+
+    def loss(variables):
+        d = nnderiv.derivatives(nnderiv.from_flax(case.module, variables), xs, method="analytic")
+        u, u_x, u_t, u_xxx = d.value[:, 0], d.jacobian[:, 0, 0], d.jacobian[:, 0, 1], d.third[:, 0, 0, 0, 0]
+        return jnp.mean((u_t + 6 * u * u_x + u_xxx) ** 2)
+
+    @jax.jit
+    def step(variables, state):
+        value, grads = jax.value_and_grad(loss)(variables)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(variables, updates), state, value
+
+    variables, state = case.variables, optimizer.init(case.variables)
+    first = None
+    for _ in range(30):
+        variables, state, value = step(variables, state)
+        first = value if first is None else first
+    assert float(value) < float(first)
+
+
+def test_network_call_and_describe(case, net):
+    x = _models.points(3, (2, 4))
+    np.testing.assert_allclose(net(x), case.module.apply(case.variables, x), rtol=1e-14)
+    text = net.describe()
+    assert "affine 3 -> 8" in text and "tanh (closed form)" in text
