@@ -113,22 +113,25 @@ def _wrap(apply, params, name: str, input_dim: int | None) -> Network:
 
 def _infer_input_dim(apply, params, name: str) -> int | None:
     """Find the input size by trying the sizes the parameter matrices suggest."""
-    candidates = []
-    for leaf in jax.tree_util.tree_leaves(params):
-        if np.ndim(leaf) == 2 and np.shape(leaf)[0] not in candidates:
-            candidates.append(int(np.shape(leaf)[0]))
+    matrices = [np.shape(leaf) for leaf in jax.tree_util.tree_leaves(params) if np.ndim(leaf) == 2]
+    # Dense kernels are (in, out); hand-written layers may store (out, in).
+    candidates = list(dict.fromkeys([int(s[0]) for s in matrices] + [int(s[1]) for s in matrices]))
     dtype = jnp.result_type(float)
+    param_errors = []
     for m in candidates or [1]:
         try:
             out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((m,), dtype))
         except Exception as err:  # noqa: BLE001 - any failure means "not this size"
             if type(err).__name__ in _PARAM_ERRORS:
-                raise ValueError(
-                    f"the variables do not fit the module {name}: {str(err).splitlines()[0]} "
-                    "Pass the variables returned by this module's init (or a checkpoint "
-                    "saved from the same architecture)."
-                ) from None
+                param_errors.append(err)
             continue
         if isinstance(out, jax.ShapeDtypeStruct) and len(out.shape) <= 1:
             return m
+    if candidates and len(param_errors) == len(candidates):
+        # Every plausible input size hits a parameter mismatch: the variables are wrong.
+        first = str(param_errors[0]).splitlines()[0]
+        raise ValueError(
+            f"the variables do not fit the module {name}: {first} Pass the variables returned by "
+            "this module's init (or a checkpoint saved from the same architecture)."
+        )
     return None

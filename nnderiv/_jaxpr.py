@@ -61,7 +61,7 @@ class FlatVar:
         return f"FlatVar({self.aval.str_short()})"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: values may be arrays
 class FlatLiteral:
     """A constant operand (a jaxpr literal or a closed-over constant)."""
 

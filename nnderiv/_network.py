@@ -231,7 +231,7 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
         live_in = [i for i in eqn.inputs if kind_of(i) == _LIVE]
         if not live_in:
             continue
-        if finished:
+        if finished and not (eqn.name in _RESHAPES and len(live_in) == 1 and live_in[0] is head):
             return f"operation {where(eqn)} follows the output reshape"
         if any(i not in seg_vars for i in live_in):
             return f"operation {where(eqn)} combines values from different layers (a skip connection?)"
@@ -272,7 +272,8 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
             seg_eqns.append(eqn)
             seg_vars.update(eqn.outputs)
         elif eqn.name in _RESHAPES and int(np.prod(out.shape)) == int(np.prod(live_in[0].shape)):
-            close_segment(live_in[0])
+            if not finished:
+                close_segment(live_in[0])
             seg_eqns, seg_vars = [], {out}
             head = out
             finished = True
@@ -359,7 +360,7 @@ def _prologue(program, stages, kind) -> tuple[_jaxpr.FlatEqn, ...]:
             needed.update(b for b, _ in stage.biases)
         elif stage.activation is None:
             for eqn in stage.eqns:
-                needed.update(eqn.inputs)
+                needed.update(i for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral))
     needed = {n for n in needed if not isinstance(n, _jaxpr.FlatLiteral)}
     eqns = []
     for eqn in reversed(program.eqns):
