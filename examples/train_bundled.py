@@ -101,8 +101,13 @@ def main(argv=None) -> None:
     )
     start = time.perf_counter()
     loss = float("nan")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("loss {task.fields[loss]:.3e}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("loss {task.fields[loss]:.3e}"),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("training", total=args.steps, loss=float("nan"))
         for i in range(1, args.steps + 1):

@@ -143,8 +143,9 @@ def module_from_metadata(meta: dict[str, Any]) -> BundledMLP:
     activation = meta.get("activation", "tanh")
     if activation not in ACTIVATION_FUNCTIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATION_FUNCTIONS)}")
-    return BundledMLP(widths=tuple(int(w) for w in meta["widths"]), output_dim=int(meta["output_dim"]),
-                      activation=activation)
+    return BundledMLP(
+        widths=tuple(int(w) for w in meta["widths"]), output_dim=int(meta["output_dim"]), activation=activation
+    )
 
 
 def restore_variables(module: BundledMLP, input_dim: int, data: bytes, dtype=None) -> dict:

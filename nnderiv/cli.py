@@ -217,8 +217,16 @@ def _deviation(result, reference) -> dict[str, Any]:
     }
 
 
-def run_compare(*, model: str = "bundled", batch: int = 256, order: int = 3, seed: int = 0, float32: bool = False,
-                repeats: int = 25, rtol: float | None = None) -> dict[str, Any]:
+def run_compare(
+    *,
+    model: str = "bundled",
+    batch: int = 256,
+    order: int = 3,
+    seed: int = 0,
+    float32: bool = False,
+    repeats: int = 25,
+    rtol: float | None = None,
+) -> dict[str, Any]:
     """Run the comparison and return the report (a JSON-serialisable dict).
 
     Call it with x64 enabled for float64 (as ``nnderiv compare`` does).
@@ -318,8 +326,10 @@ def _print_compare(report: dict[str, Any]) -> None:
         f"{fwd['single_point_us']:.1f} µs for one point"
     )
 
-    table = Table(title=f"derivatives up to order {report['order']} vs {report['reference']} AD",
-                  caption="rel dev: |method - nested| / max |nested|, per field; × fwd: µs/pt over the forward pass's")
+    table = Table(
+        title=f"derivatives up to order {report['order']} vs {report['reference']} AD",
+        caption="rel dev: |method - nested| / max |nested| per field; × fwd: µs/pt over the forward pass's",
+    )
     table.add_column("method", no_wrap=True)
     table.add_column("max abs dev", justify="right", no_wrap=True)
     table.add_column("max rel dev", justify="right", no_wrap=True)
