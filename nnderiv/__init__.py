@@ -15,6 +15,9 @@ from ._api import ORDERS as ORDERS
 from ._api import DerivsFn as DerivsFn
 from ._api import derivatives as derivatives
 from ._api import derivs_fn as derivs_fn
+from ._bundled import bundled_network as bundled_network
+from ._bundled import bundled_target as bundled_target
+from ._bundled import load_bundled as load_bundled
 from ._derivatives import Derivatives as Derivatives
 from ._flax import from_flax as from_flax
 from ._flax import from_function as from_function
@@ -36,9 +39,12 @@ __all__ = [
     "DerivsFn",
     "Network",
     "NotAnMLPError",
+    "bundled_network",
+    "bundled_target",
     "derivatives",
     "derivs_fn",
     "from_flax",
     "from_function",
+    "load_bundled",
     "packed_indices",
 ]

@@ -23,8 +23,7 @@ def _check_options(order, method) -> None:
 def _check_network(net) -> None:
     if not isinstance(net, _network.Network):
         raise TypeError(
-            f"expected an nnderiv.Network (from nnderiv.from_flax or nnderiv.from_function), "
-            f"got {type(net).__name__}"
+            f"expected an nnderiv.Network (from nnderiv.from_flax or nnderiv.from_function), got {type(net).__name__}"
         )
 
 
@@ -65,9 +64,7 @@ def _check_output(net: _network.Network, m: int, dtype) -> None:
         ) from err
     if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) > 1:
         shape = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"the model must map one point (m,) to an array of shape (n,) or (); got {shape}"
-        )
+        raise ValueError(f"the model must map one point (m,) to an array of shape (n,) or (); got {shape}")
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(f"the model's output has dtype {out.dtype}; derivatives need a floating-point output")
 

@@ -74,9 +74,7 @@ def from_flax(module, variables: Mapping | None = None, *, input_dim: int | None
                 if variables and all(isinstance(v, Mapping) for v in variables.values())
                 else ""
             )
-            raise ValueError(
-                f"variables has no 'params' collection (keys: {sorted(variables)}).{hint}"
-            )
+            raise ValueError(f"variables has no 'params' collection (keys: {sorted(variables)}).{hint}")
 
         def apply_linen(variables, x):
             return module.apply(variables, x)
@@ -88,14 +86,19 @@ def from_flax(module, variables: Mapping | None = None, *, input_dim: int | None
     )
 
 
-def from_function(fn: Callable[[Any, jax.Array], jax.Array], params: Any = None, *, input_dim: int | None = None,
-                  name: str | None = None) -> Network:
+def from_function(
+    fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any = None,
+    *,
+    input_dim: int | None = None,
+    name: str | None = None,
+) -> Network:
     """Wrap a function ``fn(params, x) -> y`` of one point ``x`` (m,) with outputs (n,) or ().
 
     Example:
       >>> import jax.numpy as jnp, nnderiv
       >>> net = nnderiv.from_function(lambda p, x: jnp.sin(p * x), 2.0, input_dim=1)
-      >>> float(nnderiv.derivatives(net, jnp.array([0.0]), method="nested").third[0, 0, 0, 0, 0])
+      >>> float(nnderiv.derivatives(net, jnp.array([0.0]), method="nested").third[0, 0, 0, 0])
       -8.0
     """
     if not callable(fn):

@@ -24,7 +24,7 @@ model is not an MLP; the reason is kept so that ``method="analytic"`` can name i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -265,8 +265,10 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
             stages[-1] = dataclasses.replace(last, biases=last.biases + ((bias, sign),))
             head = out
             seg_source, seg_vars = out, {out}
-        elif eqn.name in _ELEMENTWISE and all(o.shape == head.shape for o in eqn.outputs) and all(
-            i.shape in ((), head.shape) for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral)
+        elif (
+            eqn.name in _ELEMENTWISE
+            and all(o.shape == head.shape for o in eqn.outputs)
+            and all(i.shape in ((), head.shape) for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral))
         ):
             affine_open = False
             seg_eqns.append(eqn)
@@ -405,8 +407,3 @@ def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
 def output_dim(net: Network, m: int, dtype) -> int:
     program = trace_program(net, m, dtype)
     return int(np.prod(program.outputs[0].shape))
-
-
-def check_single_array_output(fn: Callable, params, x_spec) -> Sequence[int]:
-    out = jax.eval_shape(fn, params, x_spec)
-    return out

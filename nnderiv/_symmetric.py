@@ -24,14 +24,14 @@ def num_unique(m: int, order: int) -> int:
     return comb(m + order - 1, order)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sorted_tuples(m: int, order: int) -> np.ndarray:
     """The packed index order: all ``j1 <= ... <= jk``, shape ``(C(m+k-1, k), k)``."""
     tuples = list(itertools.combinations_with_replacement(range(m), order))
     return np.asarray(tuples, dtype=np.int32).reshape(len(tuples), order)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packed_position(m: int, order: int) -> np.ndarray:
     """Full-to-packed map: ``packed_position(m, k)[j1, ..., jk]`` is the packed slot.
 
@@ -44,7 +44,7 @@ def packed_position(m: int, order: int) -> np.ndarray:
     return position
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def third_order_tables(m: int) -> tuple[np.ndarray, ...]:
     """Gather tables for the order-3 Faà di Bruno rule.
 

@@ -115,7 +115,9 @@ class NnxMLP(nnx.Module):
 
     def __init__(self, m, widths, n, activations, rngs):
         sizes = [m, *widths]
-        self.hidden_stack = nnx.List([nnx.Linear(a, b, param_dtype=jnp.float64, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.hidden_stack = nnx.List(
+            [nnx.Linear(a, b, param_dtype=jnp.float64, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
         self.readout = nnx.Linear(sizes[-1], n, param_dtype=jnp.float64, rngs=rngs)
         self.activation_names = tuple(activations)
 

@@ -24,7 +24,7 @@ the library sees, only evaluated without rounding error.
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import mpmath
 import numpy as np
@@ -142,9 +142,7 @@ def activation_mp(name: str) -> Callable:
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
 # ---------------------------------------------------------------------------------
@@ -167,8 +165,7 @@ def _prepare(layers, activations):
         raise ValueError("need at least one layer")
     if len(activations) != len(layers) - 1:
         raise ValueError(
-            f"need one activation per hidden layer: got {len(activations)} "
-            f"activations for {len(layers)} layers"
+            f"need one activation per hidden layer: got {len(activations)} activations for {len(layers)} layers"
         )
     act_fns = [activation_mp(name) for name in activations]  # fail early on bad names
     mp_layers = []
@@ -177,8 +174,7 @@ def _prepare(layers, activations):
         W = np.asarray(W, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         if W.ndim != 2 or b.shape != (W.shape[1],):
-            raise ValueError(f"layer {i}: W must be (in, out) and b (out,); got "
-                             f"{W.shape} and {b.shape}")
+            raise ValueError(f"layer {i}: W must be (in, out) and b (out,); got {W.shape} and {b.shape}")
         if fan_in is not None and W.shape[0] != fan_in:
             raise ValueError(f"layer {i}: expected fan-in {fan_in}, got {W.shape[0]}")
         fan_in = W.shape[1]
@@ -193,8 +189,7 @@ def _forward(mp_layers, act_fns, xs) -> list:
     for i, (W, b) in enumerate(mp_layers):
         # y_o = b_o + sum_k h_k W_ko at the current precision (the one mpmath.diff
         # asked for); fsum rounds the sum once instead of once per term.
-        h = [b[o] + mpmath.fsum(h[k] * W[k][o] for k in range(len(h)))
-             for o in range(len(b))]
+        h = [b[o] + mpmath.fsum(h[k] * W[k][o] for k in range(len(h))) for o in range(len(b))]
         if i < last:
             act = act_fns[i]
             h = [act(z) for z in h]
@@ -216,8 +211,7 @@ def mlp_forward_mp(layers, activations, x) -> list:
     mp_layers, act_fns = _prepare(layers, activations)
     xs = [v if isinstance(v, mpmath.mpf) else mpmath.mpf(float(v)) for v in x]
     if len(xs) != len(mp_layers[0][0]):
-        raise ValueError(f"x has {len(xs)} entries, first layer expects "
-                         f"{len(mp_layers[0][0])}")
+        raise ValueError(f"x has {len(xs)} entries, first layer expects {len(mp_layers[0][0])}")
     return _forward(mp_layers, act_fns, xs)
 
 
@@ -258,8 +252,7 @@ def reference_derivatives(layers, activations, x, order: int = 3, dps: int = 40)
     with mpmath.workdps(dps):
         mp_layers, act_fns = _prepare(layers, activations)
         if len(mp_layers[0][0]) != m:
-            raise ValueError(f"x has {m} entries, first layer expects "
-                             f"{len(mp_layers[0][0])}")
+            raise ValueError(f"x has {m} entries, first layer expects {len(mp_layers[0][0])}")
         n = len(mp_layers[-1][1])
         xs = [mpmath.mpf(float(v)) for v in x]
 

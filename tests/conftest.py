@@ -11,5 +11,5 @@ jax.config.update("jax_enable_x64", True)
 
 import hypothesis  # noqa: E402
 
-hypothesis.settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True)
+hypothesis.settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")

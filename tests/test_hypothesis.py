@@ -61,6 +61,11 @@ def test_jet_recovery_is_exact_on_synthetic_directional_derivatives():
                 for value, tup in zip(packed, tuples):
                     for perm in set(itertools.permutations(tuple(tup))):
                         full[perm] = value
-                directional = np.array([np.einsum(full, list(range(k)), *sum(([a, [i]] for i in range(k)), [])) if k else 0 for a in directions])
+                directional = np.array(
+                    [
+                        np.einsum(full, list(range(k)), *sum(([a, [i]] for i in range(k)), [])) if k else 0
+                        for a in directions
+                    ]
+                )
                 recovered = recovery_matrix(m, degree, k) @ directional
                 np.testing.assert_allclose(recovered, packed, rtol=1e-12, atol=1e-12 * math.factorial(k))

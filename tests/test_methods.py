@@ -75,7 +75,9 @@ ORDER_BATCH_CASES = [(o, b) for o in (0, 1, 2, 3) for b in ((), (5,))] + [(3, (2
 
 
 @pytest.mark.parametrize(
-    "order,batch", ORDER_BATCH_CASES, ids=[f"order{o}-batch{'x'.join(map(str, b)) or 'none'}" for o, b in ORDER_BATCH_CASES]
+    "order,batch",
+    ORDER_BATCH_CASES,
+    ids=[f"order{o}-batch{'x'.join(map(str, b)) or 'none'}" for o, b in ORDER_BATCH_CASES],
 )
 def test_orders_and_batch_shapes(order, batch):
     case = _models.linen_mlp(3, [6, 6], 2, ["sigmoid", "silu"], seed=4)
@@ -112,7 +114,9 @@ REFERENCE_CASES = [
 
 
 @pytest.mark.parametrize(
-    "activation,m,widths,n", REFERENCE_CASES, ids=[str(c[0]) if isinstance(c[0], str) else "mixed" for c in REFERENCE_CASES]
+    "activation,m,widths,n",
+    REFERENCE_CASES,
+    ids=[str(c[0]) if isinstance(c[0], str) else "mixed" for c in REFERENCE_CASES],
 )
 def test_against_extended_precision_reference(activation, m, widths, n):
     case = _models.linen_mlp(m, widths, n, activation, seed=5)

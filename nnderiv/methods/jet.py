@@ -64,7 +64,7 @@ def _solve_exact(matrix: list[list[Fraction]], rhs: list[Fraction]) -> list[Frac
     return [aug[r][n] for r in range(n)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _local_weights(num_vars: int, degree: int, target: tuple[int, ...]) -> dict[tuple[int, ...], Fraction]:
     """Weights ``c_alpha`` with ``sum_alpha c_alpha D^k f[alpha^k] = d^target f``.
 
@@ -82,7 +82,10 @@ def _local_weights(num_vars: int, degree: int, target: tuple[int, ...]) -> dict[
 
     a = [[entry(alpha, gamma) for gamma in unknowns] for alpha in directions]
     # c = A y with (A^T A) y = e_target.
-    gram = [[sum(a[r][i] * a[r][j] for r in range(len(directions))) for j in range(len(unknowns))] for i in range(len(unknowns))]
+    gram = [
+        [sum(a[r][i] * a[r][j] for r in range(len(directions))) for j in range(len(unknowns))]
+        for i in range(len(unknowns))
+    ]
     e = [Fraction(int(g == target)) for g in unknowns]
     y = _solve_exact(gram, e)
     weights = {}
@@ -93,7 +96,7 @@ def _local_weights(num_vars: int, degree: int, target: tuple[int, ...]) -> dict[
     return weights
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recovery_matrix(m: int, degree: int, k: int) -> np.ndarray:
     """``R`` (C(m+k-1,k), C(m+d-1,d)): packed order-``k`` partials = ``R @ D^k f[alpha^k]``."""
     directions = {alpha: i for i, alpha in enumerate(_multi_indices(m, degree))}
