@@ -18,7 +18,9 @@ def test_cli_compare_json(capsys):
     status = cli.main(["compare", "--batch", "8", "--repeats", "2", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert status == 0 and report["ok"]
-    methods = {row["method"] for row in report["methods"]} if isinstance(report["methods"], list) else set(report["methods"])
+    methods = (
+        {row["method"] for row in report["methods"]} if isinstance(report["methods"], list) else set(report["methods"])
+    )
     assert {"analytic", "jet", "nested"} <= {m.split(" ")[0] for m in methods}
 
 
