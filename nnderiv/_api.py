@@ -7,17 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _network
-from ._derivatives import Derivatives
+from ._derivatives import Derivatives, expand_fields
 from .methods import METHODS
 
 ORDERS = (0, 1, 2, 3)
+LAYOUTS = ("full", "packed")
 
 
-def _check_options(order, method) -> None:
+def _check_options(order, method, layout="full") -> None:
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods are {sorted(METHODS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid layouts are {LAYOUTS}")
 
 
 def _check_network(net) -> None:
@@ -69,7 +72,7 @@ def _check_output(net: _network.Network, m: int, dtype) -> None:
         raise TypeError(f"the model's output has dtype {out.dtype}; derivatives need a floating-point output")
 
 
-def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto") -> Derivatives:
+def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto", layout: str = "full") -> Derivatives:
     r"""Value and all input derivatives of ``net`` up to ``order`` at the points ``x``.
 
     For ``f: R^m -> R^n``:
@@ -87,9 +90,16 @@ def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto") 
       net: a :class:`Network` from :func:`from_flax` or :func:`from_function`.
       x: shape ``(m,)`` or ``(*batch, m)``; integer inputs are promoted to float.
       order: highest order, 0 to 3.
-      method: ``"analytic"`` (the packed Faà di Bruno kernel; MLPs only), ``"jet"``
+      method: ``"analytic"`` (the hand-written kernels on packed Taylor coefficients,
+        MLPs only: ``"forward"`` or ``"fwdrev"``, whichever the cost model predicts to be
+        faster; both names can be asked for directly), ``"jet"``
         (``jax.experimental.jet``), ``"nested"`` (nested ``jacfwd``/``jacrev``) or
         ``"auto"`` (the fastest that applies).
+      layout: ``"full"`` (default) or ``"packed"``: the Hessian and third tensor hold
+        only their unique entries, shapes ``(*batch, n, C(m+1,2))`` and
+        ``(*batch, n, C(m+2,3))``, in the order of :func:`nnderiv.packed_indices`
+        (sorted index tuples, lexicographic). Memory then grows with the number of
+        unique entries instead of ``m**3``.
 
     Returns:
       :class:`Derivatives` with fields of shapes ``(*batch, n)``, ``(*batch, n, m)``,
@@ -102,26 +112,28 @@ def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto") 
       >>> float(d.value[0]), float(d.jacobian[0, 0]), float(d.hessian[0, 0, 0]), float(d.third[0, 0, 0, 0])
       (2.0, 6.0, 12.0, 12.0)
     """
-    _check_options(order, method)
+    _check_options(order, method, layout)
     _check_network(net)
     x = _as_input(net, x)
     batch_shape, m = x.shape[:-1], x.shape[-1]
     _check_output(net, m, x.dtype)
     flat = x.reshape(-1, m)
     result = METHODS[method](net, flat, int(order))
+    if layout == "full":
+        result = expand_fields(result, m)
     return Derivatives(*(None if f is None else f.reshape(*batch_shape, *f.shape[1:]) for f in result))
 
 
 class DerivsFn:
     """A jitted ``x -> Derivatives`` for one network, order and method (see :func:`derivs_fn`)."""
 
-    def __init__(self, net: _network.Network, order: int, method: str):
-        self.net, self.order, self.method = net, order, method
+    def __init__(self, net: _network.Network, order: int, method: str, layout: str = "full"):
+        self.net, self.order, self.method, self.layout = net, order, method, layout
         self.trace_count = 0
 
         def impl(net, x):
             self.trace_count += 1  # runs only while tracing: counts compilations
-            return derivatives(net, x, order, method)
+            return derivatives(net, x, order, method, layout)
 
         self._jitted = jax.jit(impl)
 
@@ -135,10 +147,10 @@ class DerivsFn:
         return self._jitted.lower(self.net, x)
 
     def __repr__(self) -> str:
-        return f"DerivsFn({self.net!r}, order={self.order}, method={self.method!r})"
+        return f"DerivsFn({self.net!r}, order={self.order}, method={self.method!r}, layout={self.layout!r})"
 
 
-def derivs_fn(net: _network.Network, order: int = 3, method: str = "auto") -> DerivsFn:
+def derivs_fn(net: _network.Network, order: int = 3, method: str = "auto", layout: str = "full") -> DerivsFn:
     """A jitted function ``x -> Derivatives`` (see :func:`derivatives` for the math).
 
     Compiled once per input shape and dtype; repeated calls with the same shapes do not
@@ -154,6 +166,6 @@ def derivs_fn(net: _network.Network, order: int = 3, method: str = "auto") -> De
       >>> d.third.shape
       (5, 2, 3, 3, 3)
     """
-    _check_options(order, method)
+    _check_options(order, method, layout)
     _check_network(net)
-    return DerivsFn(net, int(order), method)
+    return DerivsFn(net, int(order), method, layout)

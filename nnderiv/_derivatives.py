@@ -43,11 +43,7 @@ class Derivatives(NamedTuple):
         if order not in (1, 2, 3):
             raise ValueError(f"packed() takes order 1, 2 or 3, got {order!r}")
         full = self[order]
-        if full is None:
-            return None
-        m = full.shape[-1]
-        idx = _symmetric.sorted_tuples(m, order)
-        return full[(..., *(idx[:, c] for c in range(order)))]
+        return None if full is None else pack_full(full, order)
 
 
 def expand_packed(packed: jax.Array, m: int, order: int, axis: int) -> jax.Array:
@@ -55,7 +51,24 @@ def expand_packed(packed: jax.Array, m: int, order: int, axis: int) -> jax.Array
 
     The packed axis is replaced by ``order`` axes of size ``m``.
     """
+    axis = axis % packed.ndim
     position = _symmetric.packed_position(m, order)
     full = jnp.take(packed, position.reshape(-1), axis=axis)
     shape = full.shape[:axis] + (m,) * order + full.shape[axis + 1 :]
     return full.reshape(shape)
+
+
+def pack_full(full: jax.Array | None, order: int) -> jax.Array | None:
+    """The unique entries of a full symmetric tensor (last ``order`` axes of size m)."""
+    if full is None or order < 2:
+        return full
+    idx = _symmetric.sorted_tuples(full.shape[-1], order)
+    return full[(..., *(idx[:, c] for c in range(order)))]
+
+
+def expand_fields(packed: Derivatives, m: int) -> Derivatives:
+    """Full tensors from a result whose Hessian and third tensor are packed."""
+    return Derivatives(
+        *packed[:2],
+        *(None if f is None else expand_packed(f, m, k, axis=-1) for k, f in enumerate(packed[2:], start=2)),
+    )

@@ -71,7 +71,7 @@ def test_single_neuron_closed_form(activation):
     expected = list(_reference.closed_form_single_neuron(w1[:, 0], b1[0], w2[0, 0], activation, x))
     expected[0] = expected[0] + b2  # the output bias shifts the value only
     net = case.net()
-    for method in ("analytic", "jet", "nested"):
+    for method in ("forward", "fwdrev", "jet", "nested"):
         got = nnderiv.derivatives(net, x, method=method)
         assert_derivatives_close(got, expected, 1e-12, f"{activation} {method}")
 
@@ -79,9 +79,10 @@ def test_single_neuron_closed_form(activation):
 def test_linear_network_has_zero_higher_derivatives():
     case = _models.linen_mlp(3, [4, 4], 2, "identity", seed=2)
     w = case.layers[0][0] @ case.layers[1][0] @ case.layers[2][0]
-    d = nnderiv.derivatives(case.net(), _models.points(3, (2,)), method="analytic")
-    np.testing.assert_allclose(d.jacobian, np.broadcast_to(w.T, (2, 2, 3)), rtol=1e-13)
-    assert np.all(np.asarray(d.hessian) == 0) and np.all(np.asarray(d.third) == 0)
+    for method in ("forward", "fwdrev"):
+        d = nnderiv.derivatives(case.net(), _models.points(3, (2,)), method=method)
+        np.testing.assert_allclose(d.jacobian, np.broadcast_to(w.T, (2, 2, 3)), rtol=1e-13)
+        assert np.all(np.asarray(d.hessian) == 0) and np.all(np.asarray(d.third) == 0)
 
 
 def test_recognition_by_value():

@@ -26,7 +26,8 @@ def net(case):
 def test_public_names():
     for name in ["from_flax", "derivs_fn", "derivatives", "Derivatives", "METHODS"]:
         assert hasattr(nnderiv, name)
-    assert set(nnderiv.METHODS) == {"analytic", "jet", "nested", "auto"}
+    assert {"analytic", "jet", "nested", "auto"} <= set(nnderiv.METHODS)
+    assert set(nnderiv.METHODS) == {"analytic", "forward", "fwdrev", "jet", "nested", "auto"}
     assert nnderiv.Derivatives._fields == ("value", "jacobian", "hessian", "third")
 
 
@@ -106,14 +107,15 @@ def test_packed_layout(net):
         d.packed(0)
 
 
-def test_tensors_are_symmetric(net):
-    d = nnderiv.derivs_fn(net, method="analytic")(_models.points(3, (3,)))
+@pytest.mark.parametrize("method", ["forward", "fwdrev", "jet"])
+def test_tensors_are_symmetric(net, method):
+    d = nnderiv.derivs_fn(net, method=method)(_models.points(3, (3,)))
     np.testing.assert_array_equal(d.hessian, np.swapaxes(d.hessian, -1, -2))
     for perm in [(0, 1, 2, 4, 3), (0, 1, 3, 2, 4), (0, 1, 4, 3, 2)]:
         np.testing.assert_array_equal(d.third, np.transpose(d.third, perm))
 
 
-@pytest.mark.parametrize("method", ["analytic", "jet", "nested"])
+@pytest.mark.parametrize("method", ["forward", "fwdrev", "jet", "nested"])
 def test_inside_user_jit_vmap_and_scan(net, method):
     xs = _models.points(3, (6,))
     expected = nnderiv.derivatives(net, xs, method="nested")
@@ -153,7 +155,7 @@ def test_jitted_derivs_inside_simulation_loop(net):
     assert values.shape == (20,) and bool(jnp.all(jnp.isfinite(values)))
 
 
-@pytest.mark.parametrize("method", ["analytic", "jet"])
+@pytest.mark.parametrize("method", ["forward", "fwdrev", "jet"])
 def test_parameter_gradients_match_nested(case, method):
     """d/dparams of a loss containing third derivatives, through each method."""
     xs = _models.points(3, (4,))
@@ -201,3 +203,16 @@ def test_network_call_and_describe(case, net):
     np.testing.assert_allclose(net(x), case.module.apply(case.variables, x), rtol=1e-14)
     text = net.describe()
     assert "affine 3 -> 8" in text and "tanh (closed form)" in text
+
+
+@pytest.mark.parametrize("method", ["forward", "fwdrev", "jet", "nested"])
+def test_packed_layout_option(net, method):
+    x = _models.points(3, (2, 2))
+    full = nnderiv.derivs_fn(net, method=method)(x)
+    packed = nnderiv.derivs_fn(net, method=method, layout="packed")(x)
+    assert packed.hessian.shape == (2, 2, 2, 6) and packed.third.shape == (2, 2, 2, 10)
+    np.testing.assert_array_equal(packed.hessian, full.packed(2))
+    np.testing.assert_array_equal(packed.third, full.packed(3))
+    np.testing.assert_array_equal(packed.jacobian, full.jacobian)
+    with pytest.raises(ValueError, match="unknown layout 'dense'"):
+        nnderiv.derivs_fn(net, layout="dense")

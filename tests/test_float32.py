@@ -30,7 +30,7 @@ def test_float32_agrees_with_float64(activation):
     params32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), case.variables)
     net32 = nnderiv.from_flax(case.module, params32)
     x32 = x64.astype(jnp.float32)
-    for method in ("analytic", "jet", "nested"):
+    for method in ("forward", "fwdrev", "jet", "nested"):
         got = nnderiv.derivs_fn(net32, method=method)(x32)
         assert all(f.dtype == jnp.float32 for f in got), f"{method} upcast float32 work"
         worst = assert_derivatives_close(got, expected, RTOL_F32, f"float32 {method}")

@@ -14,9 +14,10 @@ from . import _models, _reference
 from .helpers import assert_derivatives_close
 
 RTOL = 1e-10
-# "auto" compiles to the same program as the method it picks; it runs on a subset of
-# cases (the mixed model and test_orders_and_batch_shapes) to keep compile time in check.
-METHODS = ("analytic", "jet", "nested")
+# "analytic" and "auto" compile to the same program as the kernel they pick; they run on a
+# subset of cases (the mixed model and test_orders_and_batch_shapes) to keep compile time
+# in check.
+METHODS = ("forward", "fwdrev", "jet", "nested")
 WORST: dict[str, float] = {}
 
 
@@ -26,7 +27,7 @@ def _record(label: str, err: float) -> None:
 
 def _all_methods(case, x, order=3, auto=False):
     net = case.net()
-    methods = METHODS + ("auto",) if auto else METHODS
+    methods = METHODS + ("analytic", "auto") if auto else METHODS
     return {method: nnderiv.derivs_fn(net, order=order, method=method)(x) for method in methods}
 
 
@@ -35,8 +36,9 @@ def _cross_check(results, label):
     for method, result in results.items():
         err = assert_derivatives_close(result, ref, RTOL, f"{label} {method} vs nested")
         _record(f"{method} vs nested", err)
-    err = assert_derivatives_close(results["analytic"], results["jet"], RTOL, f"{label} analytic vs jet")
-    _record("analytic vs jet", err)
+    for a, b in (("forward", "fwdrev"), ("forward", "jet"), ("fwdrev", "jet")):
+        err = assert_derivatives_close(results[a], results[b], RTOL, f"{label} {a} vs {b}")
+        _record(f"{a} vs {b}", err)
 
 
 ACTIVATION_CASES = sorted(_models.JAX_ACTIVATIONS)

@@ -17,7 +17,7 @@ from .helpers import assert_derivatives_close
 RTOL = 1e-10
 
 
-def _check_all_methods(net, x, label, methods=("analytic", "jet", "auto")):
+def _check_all_methods(net, x, label, methods=("forward", "fwdrev", "jet", "auto")):
     expected = nnderiv.derivs_fn(net, method="nested")(x)
     for method in methods:
         assert_derivatives_close(nnderiv.derivs_fn(net, method=method)(x), expected, RTOL, f"{label} {method}")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from .. import _network
 from .._derivatives import Derivatives
-from .forward import analytic_forward
+from .analytic import analytic_method, forward_method, fwdrev_method
 from .jet import jet_method
 from .nested import nested
 
@@ -14,7 +14,7 @@ Method = Callable[[_network.Network, object, int], Derivatives]
 
 
 def choose(net, m: int, dtype, order: int) -> str:
-    """The method ``"auto"`` runs: the analytic kernel for MLPs, nested AD otherwise."""
+    """The method ``"auto"`` runs: the analytic kernels for MLPs, nested AD otherwise."""
     structure = _network.mlp_structure(net, m, dtype)
     return "nested" if isinstance(structure, str) else "analytic"
 
@@ -25,7 +25,9 @@ def auto(net, x, order: int) -> Derivatives:
 
 METHODS: dict[str, Method] = {
     "auto": auto,
-    "analytic": analytic_forward,
+    "analytic": analytic_method,
+    "forward": forward_method,
+    "fwdrev": fwdrev_method,
     "jet": jet_method,
     "nested": nested,
 }

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import _network, _symmetric
-from .._derivatives import Derivatives, expand_packed
+from .._derivatives import Derivatives
 
 
 def _blocks(m: int, order: int) -> list[int]:
@@ -73,11 +73,18 @@ def _activate_stack(s, stack, m: int, order: int):
     return jnp.concatenate(parts, axis=1)
 
 
-def forward_stack(stages, x: jax.Array, order: int) -> jax.Array:
-    """Push the Taylor stack of ``x`` (B, m) through ``stages``; returns (B, K, n)."""
+def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
+    """Push the Taylor stack of ``x`` (B, m) through ``stages``.
+
+    Returns ``(stack, slopes)``: the output stack (B, K, n) and, if ``keep_slopes``, for
+    every elementwise stage the stack of ``g = s'(z)`` to the same order (what the
+    forward-over-reverse kernel's reverse sweep multiplies by). ``g`` obeys the same
+    rule as ``a = s(z)``, with the derivatives of ``s`` shifted by one order.
+    """
     batch, m = x.shape
     value, rows = x, jnp.eye(m, dtype=x.dtype)  # the unstacked state: (B, w), (m, w)
     stack = None
+    slopes = []
     for stage in stages:
         if isinstance(stage, _network.RuntimeAffine):
             if stack is None:
@@ -91,49 +98,36 @@ def forward_stack(stages, x: jax.Array, order: int) -> jax.Array:
                     stack = stack.at[:, 0].add(stage.bias)
         else:
             s = stage.taylor(value if stack is None else stack[:, 0])
-            s = s[: order + 1]
             if stack is None:
-                stack = _activate_constant(s, rows, m, order)
+                new = _activate_constant(s[: order + 1], rows, m, order)
+                if keep_slopes:
+                    slopes.append(_activate_constant(s[1 : order + 2], rows, m, order))
             else:
-                stack = _activate_stack(s, stack, m, order)
+                new = _activate_stack(s[: order + 1], stack, m, order)
+                if keep_slopes:
+                    slopes.append(_activate_stack(s[1 : order + 2], stack, m, order))
+            stack = new
     if stack is None:  # an affine (linear) network
         n = value.shape[-1]
         parts = [value[:, None, :], jnp.broadcast_to(rows[None], (batch, m, n))]
         for k in range(2, order + 1):
             parts.append(jnp.zeros((batch, _symmetric.num_unique(m, k), n), x.dtype))
         stack = jnp.concatenate(parts[: order + 1], axis=1)
-    return stack
+    return stack, slopes
+
+
+def forward_stack(stages, x: jax.Array, order: int) -> jax.Array:
+    """Push the Taylor stack of ``x`` (B, m) through ``stages``; returns (B, K, n)."""
+    return propagate(stages, x, order)[0]
 
 
 def unpack(stack: jax.Array, m: int, order: int) -> Derivatives:
-    """Split a (B, K, n) stack into full derivative tensors with outputs first."""
+    """Split a (B, K, n) stack into packed derivative tensors with outputs first."""
     sizes = _blocks(m, order)
     offsets = [sum(sizes[:k]) for k in range(order + 1)]
     fields = [stack[:, 0]]
     for k in range(1, order + 1):
         block = stack[:, offsets[k] : offsets[k] + sizes[k]]  # (B, P_k, n)
         block = jnp.moveaxis(block, 2, 1)  # (B, n, P_k)
-        fields.append(block if k == 1 else expand_packed(block, m, k, axis=2))
+        fields.append(block)
     return Derivatives(*fields)
-
-
-def analytic_forward(net, x: jax.Array, order: int) -> Derivatives:
-    """The forward kernel on a batch ``x`` of shape (B, m)."""
-    structure = _network.mlp_structure(net, x.shape[-1], x.dtype)
-    if isinstance(structure, str):
-        raise _network.NotAnMLPError(
-            f"method='analytic' needs a plain MLP (affine layers and elementwise activations), "
-            f"but this model is not one: {structure}. Use method='nested' or method='jet', "
-            f"which work on any model, or method='auto', which picks one."
-        )
-    stages = _network.runtime_stages(net, structure, structure.dtype)
-    x = x.astype(structure.dtype)
-    if order == 0:
-        value = x
-        for stage in stages:
-            if isinstance(stage, _network.RuntimeAffine):
-                value = value @ stage.weight + (0 if stage.bias is None else stage.bias)
-            else:
-                value = stage(value)
-        return Derivatives(value)
-    return unpack(forward_stack(stages, x, order), x.shape[-1], order)

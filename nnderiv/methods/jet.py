@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import jet as jax_jet
 
 from .. import _jaxpr, _network, _symmetric
-from .._derivatives import Derivatives, expand_packed
+from .._derivatives import Derivatives
 
 
 def _multi_indices(num_vars: int, degree: int) -> list[tuple[int, ...]]:
@@ -151,5 +151,5 @@ def jet_method(net, x: jax.Array, order: int) -> Derivatives:
     for k in range(1, order + 1):
         r = jnp.asarray(recovery_matrix(m, order, k), dtype=x.dtype)
         packed = jnp.einsum("pd,bdn->bnp", r, terms[k - 1])
-        fields.append(packed if k == 1 else expand_packed(packed, m, k, axis=2))
+        fields.append(packed)
     return Derivatives(*fields)

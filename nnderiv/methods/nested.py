@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from .._derivatives import Derivatives
+from .._derivatives import Derivatives, pack_full
 
 
 def nested_point(f, x: jax.Array, order: int) -> Derivatives:
@@ -37,5 +37,6 @@ def _one_more(fn):
 
 
 def nested(net, x: jax.Array, order: int) -> Derivatives:
-    """Nested AD on a batch ``x`` of shape (B, m), vectorised with ``vmap``."""
-    return jax.vmap(lambda u: nested_point(net.apply_point, u, order))(x)
+    """Nested AD on a batch ``x`` of shape (B, m), vectorised with ``vmap``; packed result."""
+    full = jax.vmap(lambda u: nested_point(net.apply_point, u, order))(x)
+    return Derivatives(*full[:2], *(pack_full(t, k) for k, t in enumerate(full[2:], start=2)))

@@ -1,0 +1,130 @@
+"""The benchmark script runs end to end (``--quick``) and writes a well-formed report.
+
+No timing assertions: only structure, and that every method agreed with nested AD.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import nnderiv
+from benchmarks import bench
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    status = bench.main(["--quick", "--out", str(out)])
+    report = json.loads(out.read_text())
+    return status, report
+
+
+def _ok_timing(rec, per):
+    assert rec["status"] == "ok", rec
+    assert rec["median_s"] > 0 and rec["iqr_s"] >= 0 and rec["repeats"] >= 1
+    assert rec["q25_s"] <= rec["median_s"] <= rec["q75_s"]
+    assert rec[per] > 0
+
+
+def test_quick_run_succeeds_and_all_methods_agree(quick_report):
+    status, report = quick_report
+    summary = report["summary"]
+    assert summary["errors"] == []
+    assert summary["disagreements"] == []
+    assert summary["all_agree"] is True
+    assert status == 0
+
+
+def test_report_header(quick_report):
+    _, report = quick_report
+    assert report["schema"] == bench.SCHEMA
+    assert report["mode"] == "quick"
+    assert report["dtypes"] == ["float64", "float32"]
+    assert report["nnderiv_methods"] == list(nnderiv.METHODS)
+    assert report["methods"] == [*nnderiv.METHODS, "baseline"]
+    machine = report["machine"]
+    for key in ("platform", "cpu_model", "cores", "jax", "device_kind", "backend"):
+        assert key in machine
+    assert machine["cores"] >= 1
+    for dtype in report["dtypes"]:
+        gemm = report["gemm"][dtype]
+        assert gemm["flop_per_s"] > 0 and gemm["flops"] == 2 * 8192 * 256 * 256
+    assert report["elapsed_s"] > 0
+
+
+def test_grid_entries(quick_report):
+    _, report = quick_report
+    grid = report["grid"]
+    assert len(grid) == len(bench.quick_grid()) * 2
+    for entry in grid:
+        assert entry["dtype"] in ("float64", "float32")
+        for key in ("m", "n", "width", "depth", "batch", "activation", "name", "auto_choice"):
+            assert key in entry
+        assert set(entry["results"]) == set(report["methods"])
+        for method, rec in entry["results"].items():
+            _ok_timing(rec, "per_point_s")  # quick configs are small: nothing is skipped
+            check = entry["check"][method]
+            assert check["agree"] is True
+            assert set(check["per_field"]) == {"value", "jacobian", "hessian", "third"}
+            assert 0 <= check["third_rel_dev"] <= entry["check"]["rtol"]
+        assert entry["check"]["all_agree"] is True
+        floor = entry["floor"]
+        m, n = entry["m"], entry["n"]
+        k = min(bench.math.comb(m + 3, 3), (1 + n) * bench.math.comb(m + 2, 2))
+        assert floor["K"] == k
+        assert floor["flops"] > 0 and floor["seconds"] > 0
+        assert entry["floor_ratio"] > 0
+        assert entry["speedup"] > 0
+        assert entry["best_competitor"]["method"] in bench.COMPETITORS
+        if "choose" in dir(nnderiv.methods):
+            assert entry["auto_choice"] in nnderiv.METHODS
+
+
+def test_latency_and_scan_entries(quick_report):
+    _, report = quick_report
+    for section, per in (("latency", "median_s"), ("scan", "per_step_s")):
+        entries = report[section]
+        assert len(entries) == 2  # one net, two dtypes
+        for entry in entries:
+            assert set(entry["results"]) == set(report["methods"])
+            for rec in entry["results"].values():
+                _ok_timing(rec, per)
+    for entry in report["latency"]:
+        assert entry["forward"]["median_s"] > 0
+        for rec in entry["results"].values():
+            assert rec["ratio_to_forward"] > 0 and rec["agree"] is True
+    for entry in report["scan"]:
+        assert entry["ratio_auto_to_nested"] > 0 and entry["ratio_auto_to_baseline"] > 0
+        assert entry["steps"] > 0
+
+
+def test_summary(quick_report):
+    _, report = quick_report
+    for dtype in report["dtypes"]:
+        s = report["summary"][dtype]
+        assert s["configs"] == len(bench.quick_grid())
+        assert s["geomean_speedup"] > 0
+        assert s["min_speedup_m_ge_2"]["value"] > 0
+        assert s["max_floor_ratio_batch_ge_64"]["value"] > 0
+        assert s["latency_ratio"]["value"] > 0
+        assert s["scan_ratio_auto_to_nested"]["value"] > 0
+
+
+def test_floor_terms():
+    cfg = bench.Config(m=3, width=64, depth=3, n=1, batch=1024)
+    terms = bench.floor_terms(cfg)
+    assert terms["K_forward"] == 20 and terms["K_fwdrev"] == 20 and terms["K"] == 20
+    assert terms["macs_after_first"] == 64 * 64 * 2 + 64
+    assert terms["flops"] == 2 * 1024 * 20 * (64 * 64 * 2 + 64)
+    wide = bench.floor_terms(bench.Config(m=16, width=64, depth=3, n=1, batch=1))
+    assert wide["K"] == 2 * 153  # forward-over-reverse is cheaper for n = 1 and large m
+
+
+def test_full_grid_shape():
+    grid = bench.full_grid()
+    names = [c.name for _, c in grid]
+    assert len(names) == len(set(names))
+    assert 40 <= len(grid) <= 60
+    assert bench.BASE.name in names
