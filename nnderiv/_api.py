@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,16 +137,22 @@ class DerivsFn:
             self.trace_count += 1  # runs only while tracing: counts compilations
             return derivatives(net, x, order, method, layout)
 
-        self._jitted = jax.jit(impl)
+        # The parameters of a derivs_fn are fixed: baking them in as constants lets XLA
+        # fold everything that depends on them alone (transposes, casts, products of
+        # first-layer weights), which is most of the op count of a single-point call.
+        # Traced parameters (derivs_fn built inside a transformation) cannot be baked.
+        leaves = jax.tree_util.tree_leaves(net)
+        self._bake = not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+        self._jitted = jax.jit(functools.partial(impl, net)) if self._bake else jax.jit(impl)
 
     def __call__(self, x) -> Derivatives:
         if not isinstance(x, (jax.Array, np.ndarray)):
             x = _as_input(self.net, x)
-        return self._jitted(self.net, x)
+        return self._jitted(x) if self._bake else self._jitted(self.net, x)
 
     def lower(self, x):
         """Lower for ``x`` (for inspecting the compiled program)."""
-        return self._jitted.lower(self.net, x)
+        return self._jitted.lower(x) if self._bake else self._jitted.lower(self.net, x)
 
     def __repr__(self) -> str:
         return f"DerivsFn({self.net!r}, order={self.order}, method={self.method!r}, layout={self.layout!r})"

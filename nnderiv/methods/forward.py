@@ -95,7 +95,11 @@ def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
             else:
                 stack = jnp.einsum("bkw,wo->bko", stack, stage.weight)
                 if stage.bias is not None:
-                    stack = stack.at[:, 0].add(stage.bias)
+                    # Add the bias to the value row through a parameter-only (K, out) array:
+                    # it fuses into the matmul's consumer, where a scatter into the stack
+                    # would be a separate pass.
+                    rows_bias = jnp.zeros(stack.shape[1:], stack.dtype).at[0].set(stage.bias)
+                    stack = stack + rows_bias
         else:
             s = stage.taylor(value if stack is None else stack[:, 0])
             if stack is None:
