@@ -18,8 +18,13 @@ from math import comb
 
 from .. import _network
 
-# Chunks keep one layer's stacks (a few arrays of chunk x K x width) in L2 cache.
-_CACHE_BYTES = 1 << 20
+# A chunk's coefficient stack (chunk x K x width) is sized to a few MB: small enough to
+# stay in the last-level cache across a layer's matmul and elementwise pass, large enough
+# for XLA to split each op over the CPU's threads. Measured on the 2-core CI machine
+# (benchmarks/): 16-point chunks ran single-threaded and unchunked batches of 1024+
+# spilled the cache; both were up to 2x slower than this.
+_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK, _MAX_CHUNK = 16, 512
 _ELEMENTWISE_WEIGHT = 8.0  # one stack element of elementwise work ~ this many matmul flops
 
 
@@ -57,7 +62,7 @@ def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | No
     k = _columns(kernel, m, n, max(order, 1))
     widest = max([1] + [max(s.weight.shape) for s in stages if isinstance(s, _network.RuntimeAffine)])
     itemsize = 8 if "64" in str(dtype) else 4
-    per_point = 4 * k * widest * itemsize  # a few live stacks per layer
-    chunk = max(8, _CACHE_BYTES // per_point)
+    per_point = k * widest * itemsize
+    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
     chunk = 1 << (chunk.bit_length() - 1)  # a power of two
     return Plan(kernel, chunk if batch > 2 * chunk else batch, costs)

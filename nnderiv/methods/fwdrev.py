@@ -39,10 +39,13 @@ def _leibniz(g: jax.Array, a: jax.Array, m: int, order: int) -> jax.Array:
         g1, a1 = g[..., 1 : 1 + m, :], a[..., 1 : 1 + m, :]
         p.append(g0 * a1 + g1 * a0)
     if order >= 2:
+        g2, a2 = g[..., 1 + m :, :], a[..., 1 + m :, :]
+        # Static gathers along the coefficient axis: measured faster on XLA:CPU than
+        # building the pair block from m slices and a concatenate.
         pairs = _symmetric.sorted_tuples(m, 2)
         j, k = pairs[:, 0], pairs[:, 1]
-        g2, a2 = g[..., 1 + m :, :], a[..., 1 + m :, :]
-        p.append(g0 * a2 + g1[..., j, :] * a1[..., k, :] + g1[..., k, :] * a1[..., j, :] + g2 * a0)
+        cross = g1[..., j, :] * a1[..., k, :] + g1[..., k, :] * a1[..., j, :]
+        p.append(g0 * a2 + cross + g2 * a0)
     return jnp.concatenate(p, axis=-2)
 
 

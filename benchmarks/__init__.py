@@ -1,0 +1,1 @@
+"""Benchmarks of nnderiv (run ``python benchmarks/bench.py --help``)."""
