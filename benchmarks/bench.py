@@ -61,10 +61,12 @@ DTYPES = ("float64", "float32")
 ACTIVATIONS = {"tanh": "tanh", "softplus": "softplus", "silu": "silu", "gelu": "gelu_tanh"}
 
 # Agreement with nested AD, max |method - nested| / max |nested| per field. All methods
-# compute the same exact derivatives and differ only in rounding: observed ~1e-15 in
-# float64, ~1e-6..1e-5 in float32 (third derivatives of wide, deep nets, whose entries
-# cancel). The tolerances sit orders of magnitude above that and far below any real
-# error (a wrong coefficient or index is O(1)).
+# compute the same exact derivatives and differ only in rounding: observed up to 2e-12 in
+# float64 and ~1e-6 in float32, up to 4e-4 for the third tensor of gelu nets in float32
+# (there every method, the plain baseline included, differs from nested by about as much:
+# it is the float32 rounding of the reference itself). The tolerances sit an order of
+# magnitude or more above that and far below any real error (a wrong coefficient or
+# index is O(1)).
 RTOL = {"float64": 1e-9, "float32": 5e-3}
 
 # Crude cost model, used only to decide whether a call needs a probe before running it
@@ -845,7 +847,14 @@ def summarize(report: dict) -> dict[str, Any]:
             worst = max(floors, key=lambda c: c["floor_ratio"])
             s["max_floor_ratio_batch_ge_64"] = {"value": worst["floor_ratio"], "config": worst["name"]}
             s["median_floor_ratio_batch_ge_64"] = float(np.median([c["floor_ratio"] for c in floors]))
-        slow = [c for c in grid if c["auto_over_fastest"] and c["auto_over_fastest"] > 1.2]
+        # auto slower than another kernel (if that kernel is auto's own choice, it is noise)
+        slow = [
+            c
+            for c in grid
+            if c["auto_over_fastest"]
+            and c["auto_over_fastest"] > 1.2
+            and c["fastest_kernel"]["method"] != c["auto_choice"]
+        ]
         s["auto_not_fastest"] = [
             {"config": c["name"], "auto_over_fastest": c["auto_over_fastest"], "fastest": c["fastest_kernel"]["method"]}
             for c in slow
@@ -1137,7 +1146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "grid": [],
         "latency": [],
         "scan": [],
+        "complete": False,
     }
+
+    def checkpoint():
+        """Write what there is so far: a run that is stopped early still leaves its numbers."""
+        report["summary"] = summarize(report)
+        report["elapsed_s"] = time.perf_counter() - started
+        write_json(report, out_path)
+
     mach = report["machine"]
     console.print(
         f"[bold]nnderiv benchmark[/bold] ({report['mode']}): {len(grid)} grid configs × {dtypes}, methods {methods}\n"
@@ -1156,6 +1173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry = run_config(cfg, group, dtype, methods, gemm, opts)
                 entries.append(entry)
                 report["grid"].append(entry)
+                checkpoint()
                 auto = entry["results"].get("auto", {})
                 speed = f"{entry['speedup']:.2f}×" if entry["speedup"] else "-"
                 console.print(
@@ -1174,16 +1192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             nets = QUICK_LATENCY_NETS if args.quick else LATENCY_NETS
             entries = [run_latency(cfg, dtype, methods, opts) for cfg in nets]
             report["latency"] += entries
+            checkpoint()
             print_latency(console, entries, dtype, methods)
         if "scan" in sections:
             nets = QUICK_SCAN_NETS if args.quick else SCAN_NETS
             entries = [run_scan(cfg, dtype, methods, opts) for cfg in nets]
             report["scan"] += entries
+            checkpoint()
             print_scan(console, entries, dtype, methods)
     report["load_average_end"] = list(os.getloadavg())
     report["summary"] = summarize(report)
     report["elapsed_s"] = time.perf_counter() - started
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["complete"] = True
     write_json(report, out_path)
     print_summary(console, report)
     console.print(f"total {report['elapsed_s']:.0f} s; wrote {out_path}")

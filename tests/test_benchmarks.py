@@ -41,6 +41,7 @@ def test_report_header(quick_report):
     _, report = quick_report
     assert report["schema"] == bench.SCHEMA
     assert report["mode"] == "quick"
+    assert report["complete"] is True
     assert report["dtypes"] == ["float64", "float32"]
     assert report["nnderiv_methods"] == list(nnderiv.METHODS)
     assert report["methods"] == [*nnderiv.METHODS, "baseline"]

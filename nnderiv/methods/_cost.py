@@ -63,6 +63,10 @@ def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | No
     widest = max([1] + [max(s.weight.shape) for s in stages if isinstance(s, _network.RuntimeAffine)])
     itemsize = 8 if "64" in str(dtype) else 4
     per_point = k * widest * itemsize
+    if batch * per_point <= 2 * _CHUNK_BYTES:
+        # The whole batch fits: a loop would only add per-iteration overhead (measured 5x
+        # slower than nested AD on a 1x16 tanh net at batch 8192 when chunked by 512).
+        return Plan(kernel, batch, costs)
     chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
     chunk = 1 << (chunk.bit_length() - 1)  # a power of two
     return Plan(kernel, chunk if batch > 2 * chunk else batch, costs)
