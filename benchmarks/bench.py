@@ -1188,18 +1188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for entry in entries:
                 entry.update(_derived(entry, _config_of(entry), gemm))
             print_grid(console, entries, dtype, methods, gemm)
-        if "latency" in sections:
-            nets = QUICK_LATENCY_NETS if args.quick else LATENCY_NETS
-            entries = [run_latency(cfg, dtype, methods, opts) for cfg in nets]
-            report["latency"] += entries
+        single_point_sections = (
+            ("latency", QUICK_LATENCY_NETS, LATENCY_NETS, run_latency, print_latency),
+            ("scan", QUICK_SCAN_NETS, SCAN_NETS, run_scan, print_scan),
+        )
+        for section, quick_nets, full_nets, run_one, print_section in single_point_sections:
+            if section not in sections:
+                continue
+            entries = [run_one(cfg, dtype, methods, opts) for cfg in (quick_nets if args.quick else full_nets)]
+            report[section] += entries
             checkpoint()
-            print_latency(console, entries, dtype, methods)
-        if "scan" in sections:
-            nets = QUICK_SCAN_NETS if args.quick else SCAN_NETS
-            entries = [run_scan(cfg, dtype, methods, opts) for cfg in nets]
-            report["scan"] += entries
-            checkpoint()
-            print_scan(console, entries, dtype, methods)
+            print_section(console, entries, dtype, methods)
     report["load_average_end"] = list(os.getloadavg())
     report["summary"] = summarize(report)
     report["elapsed_s"] = time.perf_counter() - started
