@@ -92,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     compare.set_defaults(func=_compare_command)
+
+    from . import _bench
+
+    bench = sub.add_parser(
+        "bench",
+        help="the benchmark suite: every method on a grid of MLPs, single-point latency, lax.scan loop",
+        description=(
+            "Time every method (and a plain jit(vmap(jacfwd(jacfwd(jacrev)))) baseline) in float64 and float32 "
+            "on a grid of MLPs, check each against nested AD, and report the speedup of auto, its ratio to a "
+            "matmul floor, single-point latency and per-step cost in a lax.scan loop. Prints tables with progress "
+            "lines and writes all numbers to JSON. The full grid takes about 15 minutes on 2 cores; --quick "
+            "under a minute. Exit status 1 if a method disagreed with nested AD or failed."
+        ),
+    )
+    _bench.build_parser(bench)
+    bench.set_defaults(func=_bench_command)
     return parser
 
 
@@ -107,6 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as err:
         print(f"nnderiv {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    return _bench.run(args, sys.argv[2:])
 
 
 def _positive_int(text: str) -> int:

@@ -5,19 +5,26 @@ No timing assertions: only structure, and that every method agreed with nested A
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 
 import nnderiv
-from benchmarks import bench
+from nnderiv import _bench as bench
+from nnderiv import cli
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
+    """One quick run through the ``nnderiv bench`` command, JSON on stdout and in the file."""
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    status = bench.main(["--quick", "--out", str(out)])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = cli.main(["bench", "--quick", "--json", "--out", str(out)])
     report = json.loads(out.read_text())
+    assert json.loads(stdout.getvalue()) == report
     return status, report
 
 
@@ -79,8 +86,11 @@ def test_grid_entries(quick_report):
         assert entry["floor_ratio"] > 0
         assert entry["speedup"] > 0
         assert entry["best_competitor"]["method"] in bench.COMPETITORS
-        if "choose" in dir(nnderiv.methods):
-            assert entry["auto_choice"] in nnderiv.METHODS
+        assert entry["auto_choice"] in ("forward", "fwdrev", "nested")
+        model = entry["cost_model"]
+        assert set(model["predicted_per_point_s"]) == {"forward", "fwdrev", "nested"}
+        assert all(t > 0 for t in model["predicted_per_point_s"].values())
+        assert model["choice_over_fastest"] >= 1.0
 
 
 def test_latency_and_scan_entries(quick_report):
@@ -111,6 +121,8 @@ def test_summary(quick_report):
         assert s["max_floor_ratio_batch_ge_64"]["value"] > 0
         assert s["latency_ratio"]["value"] > 0
         assert s["scan_ratio_auto_to_nested"]["value"] > 0
+        assert s["cost_model_geo_sd"] >= 1.0
+        assert s["cost_model_choice_over_fastest"]["geomean"] >= 1.0
 
 
 def test_floor_terms():
@@ -129,3 +141,13 @@ def test_full_grid_shape():
     assert len(names) == len(set(names))
     assert 40 <= len(grid) <= 60
     assert bench.BASE.name in names
+
+
+def test_bench_command_help_and_list(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--help"])
+    assert info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+    assert cli.main(["bench", "--quick", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert [c.name for _, c in bench.quick_grid()] == [w for w in listed if w.startswith("m")]

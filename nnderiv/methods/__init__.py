@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from .. import _network
 from .._derivatives import Derivatives
+from . import _cost
 from .analytic import analytic_method, forward_method, fwdrev_method
 from .jet import jet_method
 from .nested import nested
@@ -14,9 +15,17 @@ Method = Callable[[_network.Network, object, int], Derivatives]
 
 
 def choose(net, m: int, dtype, order: int) -> str:
-    """The method ``"auto"`` runs: the analytic kernels for MLPs, nested AD otherwise."""
+    """The method ``"auto"`` runs for ``m`` inputs of ``dtype`` at ``order``.
+
+    For an MLP, the cheapest of ``"forward"``, ``"fwdrev"`` and ``"nested"`` by the cost
+    model of :mod:`nnderiv.methods._cost` (nested AD wins on tiny nets, where per-element
+    overheads dominate); for any other model, ``"nested"``.
+    """
     structure = _network.mlp_structure(net, m, dtype)
-    return "nested" if isinstance(structure, str) else "analytic"
+    if isinstance(structure, str):
+        return "nested"
+    layers = [(s.fan_in, s.fan_out) for s in structure.stages if isinstance(s, _network.AffineStage)]
+    return _cost.choose(layers, m, structure.output_dim, order, structure.dtype)
 
 
 def auto(net, x, order: int) -> Derivatives:

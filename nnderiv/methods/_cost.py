@@ -1,22 +1,58 @@
-"""The cost model that picks a kernel and a chunk size.
+"""The cost model: which algorithm ``auto`` runs, and the chunk size of the kernels.
 
-Both analytic kernels push stacks of Taylor coefficients through the layers: per hidden
-matmul, ``K`` columns of the batch, with
+Every algorithm pushes a number of *columns* per point through each layer:
 
-    K_forward = C(m+3, 3)                 (value, gradient, packed 2nd and 3rd order)
-    K_fwdrev  = (1 + n) C(m+2, 2)         (forward to 2nd order, n reverse sweeps)
+    forward  C(m+k, k)                (value, gradient, packed orders 2..k)
+    fwdrev   (1 + n) C(m+k-1, k-1)    (forward to order k-1, n reverse sweeps)
+    nested   (1 + n) (1 + m)^(k-1)    (jacrev, then jacfwd k-1 times; no symmetry)
 
-at order 3 (one order less throughout for order 2). Time is modelled as matmul flops
-plus elementwise traffic, ``t = 2 K sum(in*out) + c_elem * E``, where ``E`` counts the
-coefficient-stack elements the elementwise rules touch (they dominate at small widths).
+for order ``k``. The analytic kernels skip the first layer's matmul (its Taylor
+coefficients are the weight's columns); nested AD does not. Per point, an algorithm with
+``P`` columns does ``2 P sum(in*out)`` matmul flops and touches ``P * sum(widths)``
+coefficient elements in its elementwise rules (``fwdrev`` twice: forward stacks and
+reverse products). The predicted time is
+
+    t = flops / R + E * c_elem + t_point,
+
+with a matmul rate ``R``, a time per elementwise element ``c_elem`` and a fixed time
+per point ``t_point``, per algorithm and dtype. The constants below were fitted (least
+squares on relative error) to the 41-config float64 and float32 grids of
+``benchmarks/results/bench-cpu-2core-amd-epyc-2026-11-22.json``; the fit's geometric
+standard deviation is 1.3-1.5x, about the run-to-run noise of that machine. Only the
+*ratios* between algorithms decide anything, and those carry over between machines
+better than the absolute rates: on that grid the choice costs 1.4% over an oracle
+(geometric mean) and picks nested AD where it wins (one hidden layer of 16 units).
+The benchmark reports the predicted and measured times side by side.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from math import comb
 
-from .. import _network
+ALGORITHMS = ("forward", "fwdrev", "nested")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    matmul_flops_per_s: float
+    elementwise_s: float  # per coefficient element touched
+    per_point_s: float
+
+
+_RATES = {
+    "float64": {
+        "nested": Rates(62.6e9, 0.328e-9, 0.005e-6),
+        "forward": Rates(86.1e9, 0.587e-9, 0.063e-6),
+        "fwdrev": Rates(92.3e9, 0.428e-9, 0.024e-6),
+    },
+    "float32": {
+        "nested": Rates(165e9, 0.262e-9, 0.013e-6),
+        "forward": Rates(207e9, 0.357e-9, 0.028e-6),
+        "fwdrev": Rates(205e9, 0.235e-9, 0.010e-6),
+    },
+}
 
 # A chunk's coefficient stack (chunk x K x width) is sized to a few MB: small enough to
 # stay in the last-level cache across a layer's matmul and elementwise pass, large enough
@@ -25,7 +61,6 @@ from .. import _network
 # spilled the cache; both were up to 2x slower than this.
 _CHUNK_BYTES = 4 << 20
 _MIN_CHUNK, _MAX_CHUNK = 16, 512
-_ELEMENTWISE_WEIGHT = 8.0  # one stack element of elementwise work ~ this many matmul flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,32 +70,68 @@ class Plan:
     cost: dict
 
 
-def _columns(kernel: str, m: int, n: int, order: int) -> int:
-    if kernel == "forward":
+def columns(algorithm: str, m: int, n: int, order: int) -> int:
+    """Columns per point that ``algorithm`` pushes through each layer at ``order`` >= 1."""
+    order = max(order, 1)
+    if algorithm == "forward":
         return comb(m + order, order)
-    return (1 + n) * comb(m + order - 1, order - 1)
+    if algorithm == "fwdrev":
+        return (1 + n) * comb(m + order - 1, order - 1)
+    if algorithm == "nested":
+        return (1 + n) * (1 + m) ** (order - 1)
+    raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
 
 
-def kernel_costs(stages, m: int, n: int, order: int) -> dict[str, float]:
-    """Modelled work per point of each kernel (matmul-flop equivalents)."""
-    widths = [s.weight.shape for s in stages if isinstance(s, _network.RuntimeAffine)]
-    matmul = sum(i * o for i, o in widths[1:])  # the first layer costs no stack matmul
-    hidden = sum(o for _, o in widths[:-1])
-    costs = {}
-    for kernel in ("forward", "fwdrev"):
-        k = _columns(kernel, m, n, max(order, 1))
-        # fwdrev's elementwise work: the forward stacks (a and g) plus the reverse products.
-        elementwise = k * hidden * (2 if kernel == "fwdrev" else 1)
-        costs[kernel] = 2.0 * k * matmul + _ELEMENTWISE_WEIGHT * elementwise
-    return costs
+def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int) -> dict[str, tuple[float, float]]:
+    """Per point and algorithm: (matmul flops, elementwise coefficient elements).
+
+    ``layers`` lists the affine layers as (fan_in, fan_out), input layer first.
+    """
+    all_layers = sum(i * o for i, o in layers)
+    after_first = sum(i * o for i, o in layers[1:])
+    hidden = sum(o for _, o in layers[:-1])
+    out = {}
+    for algorithm in ALGORITHMS:
+        p = columns(algorithm, m, n, order)
+        matmul = all_layers if algorithm == "nested" else after_first
+        elementwise = p * hidden * (2 if algorithm == "fwdrev" else 1)
+        out[algorithm] = (2.0 * p * matmul, float(elementwise))
+    return out
+
+
+def predicted_seconds(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, dtype) -> dict[str, float]:
+    """Predicted seconds per point of each algorithm (see the module docstring)."""
+    rates = _RATES["float32" if "32" in str(dtype) or "16" in str(dtype) else "float64"]
+    return {
+        algorithm: flops / rates[algorithm].matmul_flops_per_s
+        + elements * rates[algorithm].elementwise_s
+        + rates[algorithm].per_point_s
+        for algorithm, (flops, elements) in work(layers, m, n, order).items()
+    }
+
+
+def choose(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, dtype) -> str:
+    """The algorithm with the lowest predicted time: ``"forward"``, ``"fwdrev"`` or ``"nested"``."""
+    if order == 0:
+        return "forward"  # a plain forward pass, whatever the method
+    costs = predicted_seconds(layers, m, n, order, dtype)
+    return min(costs, key=costs.get)
+
+
+def _layers_of(stages) -> list[tuple[int, int]]:
+    from .. import _network
+
+    return [tuple(s.weight.shape) for s in stages if isinstance(s, _network.RuntimeAffine)]
 
 
 def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | None) -> Plan:
-    costs = kernel_costs(stages, m, n, order)
+    """The kernel (``kernel``, or the cheaper analytic one) and its chunk size for ``batch`` points."""
+    layers = _layers_of(stages)
+    costs = predicted_seconds(layers, m, n, order, dtype)
     if kernel is None:
-        kernel = min(costs, key=costs.get)
-    k = _columns(kernel, m, n, max(order, 1))
-    widest = max([1] + [max(s.weight.shape) for s in stages if isinstance(s, _network.RuntimeAffine)])
+        kernel = min(("forward", "fwdrev"), key=costs.get)
+    k = columns(kernel, m, n, order)
+    widest = max([1] + [max(shape) for shape in layers])
     itemsize = 8 if "64" in str(dtype) else 4
     per_point = k * widest * itemsize
     if batch * per_point <= 2 * _CHUNK_BYTES:

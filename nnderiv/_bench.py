@@ -1,0 +1,1285 @@
+"""Benchmark every nnderiv method against the nested-AD code users write today.
+
+One process, one run, three sections (see ``benchmarks/README.md`` for the columns):
+
+``grid``
+    For a set of MLP configurations (input dim m, hidden width, depth, outputs n, batch,
+    activation) and each dtype: time per point of ``nnderiv.derivs_fn(net, 3, M)`` for
+    every ``M`` in ``nnderiv.METHODS`` (read at run time) and of a plain
+    ``jax.jit(jax.vmap(f_all))`` baseline; the speedup of ``auto`` over the best of
+    {nested, jet, baseline}; the ratio of ``auto`` to a matmul floor measured in the same
+    run. Every method's result is checked against nested AD.
+``latency``
+    One point ``x`` of shape (m,): ``derivs_fn(net, 3)(x)`` against a jitted forward pass.
+``scan``
+    Per-step cost inside a jitted ``lax.scan`` simulation loop whose update consumes the
+    value, Jacobian, Hessian and third tensor of the state.
+
+Run ``nnderiv bench --help`` (or ``python benchmarks/bench.py --help``, the same code);
+``--quick`` is a < 1 minute smoke run. Importable: ``main(argv) -> exit status`` (0: every
+method agreed with nested AD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the source tree, when run from one (git info)
+
+SCHEMA = "nnderiv-bench/1"
+FIELDS = ("value", "jacobian", "hessian", "third")
+BASELINE = "baseline"
+REFERENCE = "nested"
+FORWARD_PASS = "forward_pass"  # the plain jitted forward pass of the latency section
+#: The "built-in" competitors of auto: what a user could already use without a kernel.
+COMPETITORS = ("nested", "jet", BASELINE)
+DTYPES = ("float64", "float32")
+
+#: Benchmark activation name -> the function, as users write it in a Flax model.
+#: ``gelu`` is ``flax.linen.gelu`` (the tanh approximation, Flax's default).
+ACTIVATIONS = {"tanh": nn.tanh, "softplus": jax.nn.softplus, "silu": nn.silu, "gelu": nn.gelu}
+
+# Agreement with nested AD, max |method - nested| / max |nested| per field. All methods
+# compute the same exact derivatives and differ only in rounding: observed up to 2e-12 in
+# float64 and ~1e-6 in float32, up to 4e-4 for the third tensor of gelu nets in float32
+# (there every method, the plain baseline included, differs from nested by about as much:
+# it is the float32 rounding of the reference itself). The tolerances sit an order of
+# magnitude or more above that and far below any real error (a wrong coefficient or
+# index is O(1)).
+RTOL = {"float64": 1e-9, "float32": 5e-3}
+
+# Crude cost model, used only to decide whether a call needs a probe before running it
+# (see run_config): seconds per (pass x forward flop) on a 2-core CPU, from measurements.
+_CRUDE_S_PER_FLOP = {"float64": 6e-11, "float32": 3e-11}
+PROBE_MARGIN = 1.5
+
+
+# --------------------------------------------------------------------------------------
+# Configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One MLP: ``depth`` hidden layers of ``width`` units, ``m`` inputs, ``n`` outputs."""
+
+    m: int
+    width: int
+    depth: int
+    n: int
+    batch: int
+    activation: str = "tanh"
+
+    @property
+    def name(self) -> str:
+        return f"m{self.m}-w{self.width}x{self.depth}-n{self.n}-b{self.batch}-{self.activation}"
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.width,) * self.depth
+
+    @property
+    def layers(self) -> list[tuple[int, int]]:
+        sizes = [self.m, *self.widths, self.n]
+        return list(zip(sizes[:-1], sizes[1:]))
+
+    def replace(self, **kw) -> Config:
+        return dataclasses.replace(self, **kw)
+
+
+BASE = Config(m=3, width=64, depth=3, n=1, batch=1024, activation="tanh")
+
+
+def _sweeps(center: Config, label: str, axes: dict[str, Sequence]) -> list[tuple[str, Config]]:
+    out = []
+    for axis, values in axes.items():
+        for v in values:
+            out.append((f"{label}:{axis}", center.replace(**{axis: v})))
+    return out
+
+
+def full_grid() -> list[tuple[str, Config]]:
+    """(group, config): one-factor-at-a-time sweeps around two centres, plus corners."""
+    grid = [("base", BASE)]
+    grid += _sweeps(
+        BASE,
+        "sweep@m3",
+        {
+            "m": [1, 2, 4, 6, 8, 10, 16],
+            "width": [16, 32, 128, 256],
+            "depth": [1, 2, 4, 5],
+            "n": [3, 8],
+            "batch": [1, 64, 8192],
+            "activation": ["softplus", "silu", "gelu"],
+        },
+    )
+    # A second centre where the symmetric counts matter (C(11,3) = 165 coefficients).
+    m8 = BASE.replace(m=8)
+    grid += _sweeps(
+        m8,
+        "sweep@m8",
+        {
+            "width": [128, 256],
+            "depth": [5],
+            "n": [3, 8],
+            "batch": [64, 8192],
+            "activation": ["softplus", "gelu"],
+        },
+    )
+    corner = "corner"
+    grid += [
+        (corner, Config(16, 64, 3, 8, 1024, "tanh")),  # many inputs and outputs
+        (corner, Config(16, 256, 2, 8, 64, "silu")),  # many inputs, wide
+        (corner, Config(16, 16, 2, 1, 8192, "softplus")),  # many inputs, large batch
+        (corner, Config(8, 128, 3, 8, 1024, "gelu")),
+        (corner, Config(6, 128, 4, 3, 1024, "silu")),
+        (corner, Config(3, 128, 4, 1, 8192, "tanh")),  # big net, large batch
+        (corner, Config(2, 256, 5, 8, 1024, "tanh")),  # widest, deepest
+        (corner, Config(4, 32, 2, 3, 8192, "gelu")),
+        (corner, Config(1, 16, 1, 1, 8192, "tanh")),  # smallest net, overhead-bound
+    ]
+    return _dedupe(grid)
+
+
+def quick_grid() -> list[tuple[str, Config]]:
+    return [
+        ("quick", Config(2, 16, 2, 1, 64, "softplus")),
+        ("quick", Config(4, 8, 2, 3, 1, "silu")),
+    ]
+
+
+def _dedupe(grid):
+    seen, out = set(), []
+    for group, cfg in grid:
+        if cfg.name not in seen:
+            seen.add(cfg.name)
+            out.append((group, cfg))
+    return out
+
+
+LATENCY_NETS = [
+    Config(3, 64, 3, 1, 1, "tanh"),  # the headline net (first: used in the summary)
+    Config(2, 32, 2, 1, 1, "silu"),
+    Config(6, 128, 2, 3, 1, "softplus"),
+    Config(1, 16, 1, 1, 1, "tanh"),
+]
+SCAN_NETS = [Config(3, 64, 3, 1, 1, "tanh"), Config(2, 32, 2, 1, 1, "silu")]
+QUICK_LATENCY_NETS = [Config(3, 16, 2, 1, 1, "tanh")]
+QUICK_SCAN_NETS = [Config(3, 16, 2, 1, 1, "tanh")]
+
+
+# --------------------------------------------------------------------------------------
+# Models, inputs, the baseline
+
+
+class BenchMLP(nn.Module):
+    """``depth`` hidden ``Dense`` layers with one activation, then a ``Dense`` output layer."""
+
+    widths: tuple[int, ...]
+    activation: str
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.widths:
+            x = ACTIVATIONS[self.activation](nn.Dense(width)(x))
+        return nn.Dense(self.out)(x)
+
+
+def _variables(module: BenchMLP, m: int, seed: int = 0, scale: float = 1.5) -> dict:
+    """Weights ~ N(0, scale^2 / fan_in): pre-activations O(1), so every activation is exercised
+    away from its linear regime (as in a trained net), not near zero as with Flax's init."""
+    shapes = module.init(jax.random.PRNGKey(seed), jnp.ones(m))["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    drawn = [
+        np.asarray(jax.random.normal(k, leaf.shape, jnp.float64))
+        * scale
+        / np.sqrt(leaf.shape[0] if leaf.ndim == 2 else 4)
+        for leaf, k in zip(leaves, keys)
+    ]
+    return {"params": jax.tree_util.tree_unflatten(treedef, drawn)}
+
+
+_CASES: dict = {}
+
+
+def build_net(cfg: Config, dtype: str):
+    """The ``nnderiv.Network`` of ``cfg`` (a :class:`BenchMLP`) in ``dtype``."""
+    import nnderiv
+
+    key = (cfg.m, cfg.widths, cfg.n, cfg.activation)
+    if key not in _CASES:
+        _CASES.clear()  # one architecture at a time: keeps memory flat
+        module = BenchMLP(cfg.widths, cfg.activation, cfg.n)
+        _CASES[key] = (module, _variables(module, cfg.m))
+    module, variables = _CASES[key]
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
+    return nnderiv.from_flax(module, variables)
+
+
+def make_points(m: int, batch: int | None, dtype: str, seed: int = 0) -> jax.Array:
+    shape = (m,) if batch is None else (batch, m)
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
+
+
+def plain_all(net, x):
+    """What users write today: value, jacrev, jacfwd(jacrev), jacfwd(jacfwd(jacrev)) at one point."""
+    f = net.apply_point
+    return (
+        f(x),
+        jax.jacrev(f)(x),
+        jax.jacfwd(jax.jacrev(f))(x),
+        jax.jacfwd(jax.jacfwd(jax.jacrev(f)))(x),
+    )
+
+
+def baseline_fn(net) -> Callable:
+    """``jax.jit(jax.vmap(f_all))`` with ``f_all`` closing over the network, as users write it.
+
+    The parameters are then compile-time constants, as they are in ``nnderiv.derivs_fn``.
+    """
+    return jax.jit(jax.vmap(lambda x: plain_all(net, x)))
+
+
+def method_fn(net, method: str) -> Callable:
+    import nnderiv
+
+    if method == BASELINE:
+        return baseline_fn(net)
+    return nnderiv.derivs_fn(net, order=3, method=method)
+
+
+def auto_choice(net, m: int, dtype: str) -> str | None:
+    """The kernel ``auto`` runs, where ``nnderiv.methods.choose`` says."""
+    import nnderiv.methods
+
+    choose = getattr(nnderiv.methods, "choose", None)
+    if choose is None:
+        return None
+    try:
+        return str(choose(net, m, jnp.dtype(dtype), 3))
+    except Exception as err:  # noqa: BLE001 - informational only
+        return f"? ({type(err).__name__})"
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+
+
+def _stats(samples: list[float]) -> dict[str, Any]:
+    a = np.asarray(samples)
+    q25, med, q75 = (float(v) for v in np.percentile(a, [25, 50, 75]))
+    return {
+        "median_s": med,
+        "q25_s": q25,
+        "q75_s": q75,
+        "iqr_s": q75 - q25,
+        "min_s": float(a.min()),
+        "max_s": float(a.max()),
+        "repeats": len(samples),
+    }
+
+
+def _call_s(fn: Callable, args: tuple) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class Warm:
+    """A compiled function ready for timing: its first (compiling) call and one warm call."""
+
+    fn: Callable
+    args: tuple
+    first_call_s: float
+    warm_call_s: float
+
+
+def warm_up(fn: Callable, args: tuple) -> tuple[Any, Warm]:
+    """Call once (trace, compile, run), then time one warm call; returns the first output."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    return out, Warm(fn, args, first, _call_s(fn, args))
+
+
+def timed_rounds(
+    warm: dict[str, Warm],
+    *,
+    target_s: float,
+    rounds: int = 5,
+    max_repeats: int = 100,
+    slow_s: float = 0.25,
+) -> dict[str, dict[str, Any]]:
+    """Time the functions interleaved, in rounds, so that slow drifts of the machine's load
+    (other processes) hit all of them alike; every call is awaited with ``block_until_ready``.
+
+    A function gets about ``target_s`` of timed calls (at least ``rounds`` calls, at most
+    ``max_repeats``); one whose warm call took over ``slow_s`` gets 3 samples (its warm call
+    and one call in each of the first two rounds). Returns ``_stats`` per name.
+    """
+    per_round, samples = {}, {}
+    for name, w in warm.items():
+        if w.warm_call_s > slow_s:
+            per_round[name], samples[name] = 1, [w.warm_call_s]
+        else:
+            per_round[name] = max(
+                1, min(max_repeats // rounds, math.ceil(target_s / rounds / max(w.warm_call_s, 1e-7)))
+            )
+            samples[name] = []
+    names = list(warm)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)] if names else []:
+            if warm[name].warm_call_s > slow_s and r >= 2:
+                continue
+            w = warm[name]
+            samples[name] += [_call_s(w.fn, w.args) for _ in range(per_round[name])]
+    return {name: _stats(samples[name]) for name in names}
+
+
+def measure(fn: Callable, args: tuple, *, target_s: float, rounds: int = 5) -> dict[str, Any]:
+    """One function: warm up, then ``timed_rounds``."""
+    _, w = warm_up(fn, args)
+    return {"first_call_s": w.first_call_s, **timed_rounds({"f": w}, target_s=target_s, rounds=rounds)["f"]}
+
+
+def gemm_rate(dtype: str, target_s: float) -> dict[str, Any]:
+    """flop/s of an (8192 x 256) @ (256 x 256) product, jitted, in ``dtype``."""
+    rows, inner, cols = 8192, 256, 256
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((rows, inner)), dtype)
+    b = jnp.asarray(rng.standard_normal((inner, cols)), dtype)
+    matmul = jax.jit(jnp.matmul)
+    rec = measure(matmul, (a, b), target_s=target_s, rounds=10)
+    flops = 2 * rows * inner * cols
+    return {
+        "shape": [[rows, inner], [inner, cols]],
+        "flops": flops,
+        "median_s": rec["median_s"],
+        "iqr_s": rec["iqr_s"],
+        "repeats": rec["repeats"],
+        "flop_per_s": flops / rec["median_s"],
+        "peak_flop_per_s": flops / rec["min_s"],
+        "min_s": rec["min_s"],
+    }
+
+
+def merge_gemm(first: dict, second: dict) -> dict:
+    """Two GEMM measurements (start and end of a section): keep the faster as the rate."""
+    best = max(first, second, key=lambda g: g["peak_flop_per_s"])
+    return {
+        **best,
+        "flop_per_s_floor": best["peak_flop_per_s"],
+        "measurements": [
+            {k: g[k] for k in ("median_s", "min_s", "flop_per_s", "peak_flop_per_s")} for g in (first, second)
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Cost model: the floor, and the crude estimate that decides about probing and skipping
+
+
+def floor_terms(cfg: Config) -> dict[str, Any]:
+    """K and the matmul flops of the cheaper symmetric algorithm (see README)."""
+    m, n = cfg.m, cfg.n
+    k_forward = math.comb(m + 3, 3)  # value + all unique partials to order 3
+    k_fwdrev = (1 + n) * math.comb(m + 2, 2)  # forward to order 2, reverse per output
+    k = min(k_forward, k_fwdrev)
+    macs = sum(i * o for i, o in cfg.layers[1:])
+    return {
+        "K": k,
+        "K_forward": k_forward,
+        "K_fwdrev": k_fwdrev,
+        "macs_after_first": macs,
+        "flops": 2 * cfg.batch * k * macs,
+    }
+
+
+def _passes(method: str, cfg: Config) -> float:
+    """Rough number of forward-pass equivalents per point (for the crude estimate only)."""
+    m, n = cfg.m, cfg.n
+    if method == REFERENCE:
+        return n * (m * m + m + 1)
+    if method == BASELINE:
+        return n * (m * m + 2 * m + 3)
+    if method == "jet":
+        return 4 * math.comb(m + 2, 3)
+    return math.comb(m + 3, 3)  # the analytic kernels carry the full packed stack
+
+
+def crude_estimate(method: str, cfg: Config, dtype: str) -> tuple[float, float]:
+    """(seconds per call, bytes of the largest intermediate) by a deliberately rough model."""
+    forward_flops = 2 * sum(i * o for i, o in cfg.layers) + 10 * sum(cfg.widths)
+    passes = _passes(method, cfg)
+    seconds = cfg.batch * passes * forward_flops * _CRUDE_S_PER_FLOP[dtype] + 1e-4
+    itemsize = jnp.dtype(dtype).itemsize
+    nbytes = 3 * cfg.batch * passes * max(cfg.width, cfg.n) * itemsize + cfg.batch * cfg.n * cfg.m**3 * itemsize
+    return seconds, nbytes
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+
+
+def deviation(got, ref) -> dict[str, float]:
+    """Per field: max |got - ref| / max |ref| (both float64 NumPy), over the reference points."""
+    out = {}
+    for i, name in enumerate(FIELDS):
+        r = np.asarray(ref[i], np.float64)
+        g = np.asarray(got[i], np.float64)[: r.shape[0]]
+        if g.shape != r.shape:
+            out[name] = math.inf
+            continue
+        scale = max(float(np.max(np.abs(r), initial=0.0)), 1e-300)
+        out[name] = float(np.max(np.abs(g - r), initial=0.0)) / scale
+    return out
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclasses.dataclass
+class Options:
+    target_s: float
+    max_call_s: float
+    max_mem_bytes: float
+    probe_points: int
+    ref_points: int
+    steps: int
+    dt: float
+    latency_target_s: float
+
+
+def _method_names(selected: Sequence[str] | None) -> list[str]:
+    import nnderiv
+
+    names = list(nnderiv.METHODS)
+    if selected:
+        names = [m for m in names if m in selected or m == "auto"]
+    return names + [BASELINE]
+
+
+def run_config(cfg: Config, group: str, dtype: str, methods: list[str], gemm: dict, opts: Options) -> dict[str, Any]:
+    """Every method (and the baseline) on one configuration; checked against nested AD."""
+    wall = time.perf_counter()
+    net = build_net(cfg, dtype)
+    x = make_points(cfg.m, cfg.batch, dtype)
+    probe_n = min(cfg.batch, opts.probe_points)
+    ref_n = min(cfg.batch, opts.ref_points)
+    entry: dict[str, Any] = {
+        "name": cfg.name,
+        "group": group,
+        "dtype": dtype,
+        **dataclasses.asdict(cfg),
+        "widths": list(cfg.widths),
+        "auto_choice": auto_choice(net, cfg.m, dtype),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    reference = None  # nested AD on x[:ref_n], float64 NumPy
+    checks: dict[str, Any] = {}
+    ready: dict[str, Warm] = {}
+
+    # Phase 1, one method at a time: decide about skipping, compile, check the output.
+    # nested first: its output is the reference for the others.
+    order = [REFERENCE] + [m for m in methods if m != REFERENCE] if REFERENCE in methods else list(methods)
+    for method in order:
+        rec: dict[str, Any] = {}
+        crude_s, crude_bytes = crude_estimate(method, cfg, dtype)
+        rec["crude_estimate_s"] = crude_s
+        out = None
+        try:
+            if crude_bytes > opts.max_mem_bytes:
+                rec.update(
+                    status="skipped",
+                    reason=f"cost model: ~{crude_bytes / 2**30:.0f} GiB of intermediates",
+                    estimate_s=crude_s,
+                )
+            elif crude_s > 20 * opts.max_call_s:
+                rec.update(status="skipped", reason=f"cost model: ~{crude_s:.0f} s per call", estimate_s=crude_s)
+            else:
+                fn = method_fn(net, method)
+                estimate = None
+                if crude_s > 0.3 * opts.max_call_s and cfg.batch > probe_n:
+                    xp = x[:probe_n]
+                    jax.block_until_ready(fn(xp))
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(xp))
+                    estimate = (time.perf_counter() - start) * cfg.batch / probe_n
+                    rec["probe"] = {"points": probe_n, "estimate_s": estimate}
+                # a 64-point probe underestimates a large batch by up to ~1.5x (caches)
+                if estimate is not None and PROBE_MARGIN * estimate > opts.max_call_s:
+                    rec.update(
+                        status="skipped",
+                        reason=f"probe on {probe_n} points extrapolates to {estimate:.1f} s per call",
+                        estimate_s=estimate,
+                    )
+                else:
+                    out, warm = warm_up(fn, (x,))
+                    rec["first_call_s"] = warm.first_call_s
+                    if warm.warm_call_s > opts.max_call_s:
+                        rec.update(
+                            status="skipped",
+                            reason=f"one warm call took {warm.warm_call_s:.1f} s > {opts.max_call_s:g} s",
+                            estimate_s=warm.warm_call_s,
+                        )
+                    else:
+                        rec["status"] = "ready"
+                        ready[method] = warm
+                del fn
+        except Exception as err:  # noqa: BLE001 - recorded; the run goes on
+            rec.update(status="error", error=_error_text(err))
+            out = None
+        if rec.get("status") == "skipped" and "estimate_s" in rec:
+            rec["estimate_per_point_s"] = rec["estimate_s"] / cfg.batch
+
+        if method == REFERENCE and out is not None:
+            reference = tuple(np.asarray(f[:ref_n], np.float64) for f in out)
+        if reference is None and method == order[0]:  # nested did not run: a separate call
+            reference = _separate_reference(net, x[:ref_n])
+            checks["reference_source"] = "separate call" if reference is not None else "unavailable"
+        if out is not None:
+            if reference is not None:
+                dev = deviation(out, reference)
+                checks[method] = {
+                    "per_field": dev,
+                    "max_rel_dev": max(dev.values()),
+                    "third_rel_dev": dev["third"],
+                    "agree": bool(max(dev.values()) <= RTOL[dtype]),
+                }
+            else:
+                checks[method] = {"agree": None}
+        results[method] = rec
+        del out
+
+    # Phase 2: time all methods that ran, interleaved in rounds.
+    try:
+        timings = timed_rounds(ready, target_s=opts.target_s)
+    except Exception as err:  # noqa: BLE001
+        timings = {}
+        for method in ready:
+            results[method].update(status="error", error=_error_text(err))
+    for method, stats in timings.items():
+        rec = results[method]
+        rec.update(status="ok", **stats)
+        rec["per_point_s"] = rec["median_s"] / cfg.batch
+        rec["per_point_iqr_s"] = rec["iqr_s"] / cfg.batch
+    ready.clear()
+    checks.setdefault("reference_source", "nested output")
+    checks["reference"] = REFERENCE
+    checks["points"] = ref_n
+    checks["rtol"] = RTOL[dtype]
+    checked = [c for k, c in checks.items() if isinstance(c, dict) and "agree" in c]
+    checks["all_agree"] = bool(checked) and all(c["agree"] is True for c in checked)
+    entry["results"] = {m: results[m] for m in methods if m in results}
+    entry["check"] = checks
+    entry.update(_derived(entry, cfg, gemm))
+    entry["wall_s"] = time.perf_counter() - wall
+    gc.collect()
+    return entry
+
+
+def _separate_reference(net, xr):
+    try:
+        import nnderiv
+
+        out = nnderiv.derivs_fn(net, 3, REFERENCE)(xr)
+        return tuple(np.asarray(f, np.float64) for f in out)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _time_of(rec: dict | None, allow_estimate: bool) -> tuple[float | None, bool]:
+    if not rec:
+        return None, False
+    if rec.get("status") == "ok":
+        return rec["per_point_s"], False
+    if allow_estimate and rec.get("status") == "skipped" and rec.get("estimate_per_point_s"):
+        return rec["estimate_per_point_s"], True
+    return None, False
+
+
+def _config_of(entry: dict) -> Config:
+    return Config(*(entry[f.name] for f in dataclasses.fields(Config)))
+
+
+def _derived(entry: dict, cfg: Config, gemm: dict) -> dict[str, Any]:
+    """Speedup of auto over the best competitor, its ratio to the best kernel and the floor."""
+    res = entry["results"]
+    auto_t, _ = _time_of(res.get("auto"), False)
+    out: dict[str, Any] = {}
+
+    # best of {nested, jet, baseline}: measured ones; estimates only if none was measured
+    measured = {m: _time_of(res.get(m), False)[0] for m in COMPETITORS}
+    measured = {m: t for m, t in measured.items() if t is not None}
+    estimated = False
+    if not measured:
+        measured = {m: _time_of(res.get(m), True)[0] for m in COMPETITORS}
+        measured = {m: t for m, t in measured.items() if t is not None}
+        estimated = bool(measured)
+    if measured and auto_t:
+        best = min(measured, key=measured.get)
+        out["best_competitor"] = {"method": best, "per_point_s": measured[best], "estimated": estimated}
+        out["speedup"] = measured[best] / auto_t
+    else:
+        out["best_competitor"] = None
+        out["speedup"] = None
+
+    # auto against the fastest concrete kernel (does auto pick well?)
+    kernels = {m: _time_of(r, False)[0] for m, r in res.items() if m not in ("auto", BASELINE)}
+    kernels = {m: t for m, t in kernels.items() if t is not None}
+    if kernels and auto_t:
+        fastest = min(kernels, key=kernels.get)
+        out["fastest_kernel"] = {"method": fastest, "per_point_s": kernels[fastest]}
+        out["auto_over_fastest"] = auto_t / kernels[fastest]
+    else:
+        out["fastest_kernel"], out["auto_over_fastest"] = None, None
+
+    floor = floor_terms(cfg)
+    floor["seconds"] = floor["flops"] / gemm["peak_flop_per_s"]
+    floor["per_point_s"] = floor["seconds"] / cfg.batch
+    out["floor"] = floor
+    out["floor_ratio"] = auto_t / floor["per_point_s"] if auto_t and floor["per_point_s"] > 0 else None
+    out["cost_model"] = _cost_model_check(entry, cfg)
+    return out
+
+
+def _cost_model_check(entry: dict, cfg: Config) -> dict[str, Any]:
+    """The cost model's predicted time per point next to the measured one, per algorithm."""
+    from nnderiv.methods import _cost
+
+    predicted = _cost.predicted_seconds(cfg.layers, cfg.m, cfg.n, 3, entry["dtype"])
+    measured = {a: _time_of(entry["results"].get(a), False)[0] for a in predicted}
+    measured = {a: t for a, t in measured.items() if t is not None}
+    out: dict[str, Any] = {"predicted_per_point_s": predicted, "measured_per_point_s": measured}
+    choice = entry.get("auto_choice")
+    if measured and choice in measured:
+        # How much slower auto's pick ran than the fastest algorithm measured (1 = oracle).
+        out["choice_over_fastest"] = measured[choice] / min(measured.values())
+    return out
+
+
+def _time_all(
+    prepared: dict[str, tuple[Callable, tuple]], target_s: float, max_repeats: int, rounds: int = 5
+) -> dict[str, dict]:
+    """Warm up each function (errors recorded per name), then time them interleaved."""
+    records, outputs, ready = {}, {}, {}
+    for name, (fn, args) in prepared.items():
+        try:
+            outputs[name], w = warm_up(fn, args)
+            ready[name] = w
+            records[name] = {"first_call_s": w.first_call_s}
+        except Exception as err:  # noqa: BLE001
+            records[name] = {"status": "error", "error": _error_text(err)}
+    for name, stats in timed_rounds(ready, target_s=target_s, max_repeats=max_repeats, rounds=rounds).items():
+        records[name].update(status="ok", **stats)
+    return {name: (records[name], outputs.get(name)) for name in prepared}
+
+
+def run_latency(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict[str, Any]:
+    """One point: every method against a plain jitted forward pass of the same network."""
+    net = build_net(cfg, dtype)
+    x = make_points(cfg.m, None, dtype)
+    # FORWARD_PASS is not a method name (nnderiv has a method called "forward")
+    prepared: dict[str, tuple[Callable, tuple]] = {FORWARD_PASS: (jax.jit(net.apply_point), (x,))}
+    for method in methods:
+        if method == BASELINE:
+            prepared[method] = (jax.jit(lambda u: plain_all(net, u)), (x,))
+        else:
+            prepared[method] = (method_fn(net, method), (x,))
+    # many short rounds: calls of ~10-100 µs are sensitive to other processes' bursts
+    timed = _time_all(prepared, opts.latency_target_s, max_repeats=4000, rounds=20)
+    entry: dict[str, Any] = {"name": cfg.name, "dtype": dtype, "m": cfg.m, "widths": list(cfg.widths), "n": cfg.n}
+    entry["activation"] = cfg.activation
+    entry["auto_choice"] = auto_choice(net, cfg.m, dtype)
+    fwd = entry[FORWARD_PASS] = timed[FORWARD_PASS][0]
+    reference = _separate_reference(net, x[None])
+    rows = {}
+    for method in methods:
+        rec, out = timed[method]
+        if rec.get("status") == "ok" and fwd.get("status") == "ok":
+            rec["ratio_to_forward"] = rec["median_s"] / fwd["median_s"]
+        if out is not None and reference is not None:
+            dev = deviation(tuple(np.asarray(f)[None] for f in out), reference)
+            rec["max_rel_dev"] = max(dev.values())
+            rec["agree"] = bool(rec["max_rel_dev"] <= RTOL[dtype])
+        rows[method] = rec
+    entry["results"] = rows
+    return entry
+
+
+def run_scan(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict[str, Any]:
+    """Per-step cost of a jitted ``lax.scan`` whose update uses all four outputs."""
+    import nnderiv
+
+    net = build_net(cfg, dtype)
+    x0 = 0.5 * make_points(cfg.m, None, dtype, seed=3)
+    dt = opts.dt
+
+    def simulation(point_derivs):
+        """jit(x0 -> scan), calling ``point_derivs`` (built outside, for the fixed net) each step."""
+
+        def run(x0):
+            def step(x, _):
+                value, jac, hess, third = point_derivs(x)
+                g = jac.sum(0)  # (m,)
+                update = value.sum() * g + hess.sum(0) @ g + jnp.einsum("jkl,k,l->j", third.sum(0), g, g)
+                return x - dt * jnp.tanh(update), value[0]
+
+            return jax.lax.scan(step, x0, None, length=opts.steps)
+
+        return jax.jit(run)
+
+    prepared = {}
+    for method in methods:
+        if method == BASELINE:
+            prepared[method] = (simulation(lambda u: plain_all(net, u)), (x0,))
+        else:
+            derivs = nnderiv.derivs_fn(net, 3, method)  # as a user writes it, outside the loop
+            prepared[method] = (simulation(lambda u, derivs=derivs: tuple(derivs(u))), (x0,))
+    timed = _time_all(prepared, opts.target_s, max_repeats=50)
+    entry: dict[str, Any] = {"name": cfg.name, "dtype": dtype, "m": cfg.m, "widths": list(cfg.widths), "n": cfg.n}
+    entry.update(activation=cfg.activation, steps=opts.steps, auto_choice=auto_choice(net, cfg.m, dtype))
+    rows, finals = {}, {}
+    for method in methods:
+        rec, out = timed[method]
+        if rec.get("status") == "ok":
+            rec["per_step_s"] = rec["median_s"] / opts.steps
+        if out is not None:
+            finals[method] = np.asarray(out[0], np.float64)
+        rows[method] = rec
+    ref = finals.get(REFERENCE)
+    for method, final in finals.items():
+        if ref is not None:
+            rows[method]["final_state_rel_dev"] = float(np.max(np.abs(final - ref)) / max(np.max(np.abs(ref)), 1e-300))
+    auto, nested, base = (rows.get(k, {}).get("per_step_s") for k in ("auto", REFERENCE, BASELINE))
+    entry["results"] = rows
+    entry["ratio_auto_to_nested"] = auto / nested if auto and nested else None
+    entry["ratio_auto_to_baseline"] = auto / base if auto and base else None
+    return entry
+
+
+# --------------------------------------------------------------------------------------
+# Machine, summary, output
+
+
+def machine_info() -> dict[str, Any]:
+    import flax
+
+    import nnderiv
+
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or None
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    device = jax.devices()[0]
+    git = {}
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        git = {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import jaxlib
+
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "cores_available": affinity,
+        "memory_bytes": mem,
+        "jax": jax.__version__,
+        "jaxlib": getattr(jaxlib, "__version__", None),
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "nnderiv": nnderiv.__version__,
+        "backend": jax.default_backend(),
+        "device": str(device),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "git": git,
+    }
+
+
+def _geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def summarize(report: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dtype in report["dtypes"]:
+        grid = [c for c in report["grid"] if c["dtype"] == dtype]
+        s: dict[str, Any] = {"configs": len(grid)}
+        measured = [c for c in grid if c["speedup"] and not c["best_competitor"]["estimated"]]
+        s["geomean_speedup"] = _geomean([c["speedup"] for c in measured])
+        s["speedup_configs"] = len(measured)
+        s["speedup_estimated_configs"] = [c["name"] for c in grid if c["speedup"] and c["best_competitor"]["estimated"]]
+        m2 = [c for c in measured if c["m"] >= 2]
+        if m2:
+            worst = min(m2, key=lambda c: c["speedup"])
+            s["min_speedup_m_ge_2"] = {"value": worst["speedup"], "config": worst["name"]}
+        floors = [c for c in grid if c["batch"] >= 64 and c["floor_ratio"]]
+        if floors:
+            worst = max(floors, key=lambda c: c["floor_ratio"])
+            s["max_floor_ratio_batch_ge_64"] = {"value": worst["floor_ratio"], "config": worst["name"]}
+            s["median_floor_ratio_batch_ge_64"] = float(np.median([c["floor_ratio"] for c in floors]))
+        # auto slower than another kernel (if that kernel is auto's own choice, it is noise)
+        slow = [
+            c
+            for c in grid
+            if c["auto_over_fastest"]
+            and c["auto_over_fastest"] > 1.2
+            and c["fastest_kernel"]["method"] != c["auto_choice"]
+        ]
+        s["auto_not_fastest"] = [
+            {"config": c["name"], "auto_over_fastest": c["auto_over_fastest"], "fastest": c["fastest_kernel"]["method"]}
+            for c in slow
+        ]
+        checks = [c["cost_model"] for c in grid if c.get("cost_model") and c["batch"] >= 64]
+        losses = [c["choice_over_fastest"] for c in checks if "choice_over_fastest" in c]
+        if losses:
+            s["cost_model_choice_over_fastest"] = {"geomean": _geomean(losses), "max": max(losses)}
+        log_errors = [
+            math.log(c["predicted_per_point_s"][a] / t) for c in checks for a, t in c["measured_per_point_s"].items()
+        ]
+        if log_errors:
+            # geometric standard deviation of predicted/measured: 1.0 would be a perfect model
+            s["cost_model_geo_sd"] = math.exp(float(np.sqrt(np.mean(np.square(log_errors)))))
+        lat = [e for e in report["latency"] if e["dtype"] == dtype]
+        if lat and lat[0]["results"].get("auto", {}).get("ratio_to_forward"):
+            s["latency_ratio"] = {"value": lat[0]["results"]["auto"]["ratio_to_forward"], "net": lat[0]["name"]}
+        scan = [e for e in report["scan"] if e["dtype"] == dtype]
+        if scan:
+            s["scan_ratio_auto_to_nested"] = {"value": scan[0]["ratio_auto_to_nested"], "net": scan[0]["name"]}
+            s["scan_ratio_auto_to_baseline"] = {"value": scan[0]["ratio_auto_to_baseline"], "net": scan[0]["name"]}
+        out[dtype] = s
+    disagree, errors, skipped, worst = [], [], [], {}
+    for c in report["grid"]:
+        for method, chk in c["check"].items():
+            if isinstance(chk, dict) and chk.get("agree") is False:
+                disagree.append(f"{c['dtype']} {c['name']} {method}: {chk['max_rel_dev']:.2e}")
+            if isinstance(chk, dict) and chk.get("max_rel_dev") is not None:
+                worst[c["dtype"]] = max(worst.get(c["dtype"], 0.0), chk["max_rel_dev"])
+        for method, rec in c["results"].items():
+            if rec.get("status") == "error":
+                errors.append(f"{c['dtype']} {c['name']} {method}: {rec['error']}")
+            if rec.get("status") == "skipped":
+                skipped.append(f"{c['dtype']} {c['name']} {method}")
+    for section in ("latency", "scan"):
+        for e in report[section]:
+            for method, rec in e["results"].items():
+                if rec.get("status") == "error":
+                    errors.append(f"{section} {e['dtype']} {e['name']} {method}: {rec['error']}")
+                if rec.get("agree") is False:
+                    disagree.append(f"{section} {e['dtype']} {e['name']} {method}: {rec['max_rel_dev']:.2e}")
+    out["all_agree"] = not disagree
+    out["disagreements"] = disagree
+    out["errors"] = errors
+    out["skipped"] = skipped
+    out["worst_rel_dev"] = worst
+    return out
+
+
+def default_out(quick: bool, directory: Path | None = None) -> Path:
+    """``DIR/bench-HOST-STAMP[-quick].json``; DIR defaults to the current directory."""
+    host = re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname().split(".")[0]) or "host"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (directory or Path.cwd()) / f"bench-{host}-{stamp}{'-quick' if quick else ''}.json"
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------
+# Printing
+
+
+def _us(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    us = seconds * 1e6
+    return f"{us:.3g}" if us < 1000 else f"{us:,.0f}"
+
+
+def _cell(rec: dict | None, per: str = "per_point_s") -> str:
+    if not rec:
+        return ""
+    if rec.get("status") == "error":
+        return "[red]error[/red]"
+    if rec.get("status") == "skipped":
+        est = rec.get("estimate_s")
+        return "[dim]skip[/dim]" + (f" [dim]~{est:.0f}s[/dim]" if est else "")
+    spread = rec["iqr_s"] / rec["median_s"] * 100 if rec.get("median_s") else 0
+    return f"{_us(rec[per])} [dim]±{spread:.0f}%[/dim]"
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=max(console.width, 200))
+    return console
+
+
+def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gemm: dict) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"derivatives to order 3, {dtype}: µs per point (median ± IQR/median)",
+        caption=(
+            f"speedup: best of {{nested, jet, baseline}} / auto; × floor: auto / matmul floor "
+            f"(GEMM {gemm['peak_flop_per_s'] / 1e9:.1f} Gflop/s); dev: max rel. deviation from nested"
+        ),
+    )
+    table.add_column("config", no_wrap=True)
+    table.add_column("auto →", no_wrap=True)
+    for m in methods:
+        table.add_column(m, justify="right", no_wrap=True)
+    table.add_column("speedup", justify="right", no_wrap=True)
+    table.add_column("× floor", justify="right", no_wrap=True)
+    table.add_column("dev", justify="right", no_wrap=True)
+    for e in entries:
+        best = e["best_competitor"]
+        speed = "-"
+        if e["speedup"]:
+            speed = f"{e['speedup']:.2f} ({best['method']}{', est' if best['estimated'] else ''})"
+        devs = [c["max_rel_dev"] for c in e["check"].values() if isinstance(c, dict) and "max_rel_dev" in c]
+        dev = f"{max(devs):.0e}" if devs else "-"
+        if not e["check"]["all_agree"]:
+            dev = f"[red]{dev} FAIL[/red]"
+        table.add_row(
+            e["name"],
+            e["auto_choice"] or "-",
+            *[_cell(e["results"].get(m)) for m in methods],
+            speed,
+            f"{e['floor_ratio']:.1f}" if e["floor_ratio"] else "-",
+            dev,
+        )
+    console.print(table)
+
+
+def print_latency(console, entries: list[dict], dtype: str, methods: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"single-point latency, {dtype}: µs per call (× the jitted forward pass, 'fwd pass')")
+    table.add_column("net", no_wrap=True)
+    table.add_column("fwd pass", justify="right", no_wrap=True)
+    for m in methods:
+        table.add_column(m, justify="right", no_wrap=True)
+    for e in entries:
+        cells = []
+        for m in methods:
+            rec = e["results"].get(m, {})
+            if rec.get("status") != "ok":
+                cells.append(_cell(rec))
+            else:
+                flag = "" if rec.get("agree", True) else " [red]FAIL[/red]"
+                cells.append(f"{_us(rec['median_s'])} [dim](×{rec['ratio_to_forward']:.1f})[/dim]{flag}")
+        table.add_row(e["name"].rsplit("-b", 1)[0], _us(e[FORWARD_PASS]["median_s"]), *cells)
+    console.print(table)
+
+
+def print_scan(console, entries: list[dict], dtype: str, methods: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"lax.scan simulation, {dtype}: µs per step")
+    table.add_column("net", no_wrap=True)
+    table.add_column("steps", justify="right")
+    for m in methods:
+        table.add_column(m, justify="right", no_wrap=True)
+    table.add_column("auto / nested", justify="right")
+    table.add_column("auto / baseline", justify="right")
+    for e in entries:
+        r1, r2 = e["ratio_auto_to_nested"], e["ratio_auto_to_baseline"]
+        table.add_row(
+            e["name"].rsplit("-b", 1)[0],
+            str(e["steps"]),
+            *[_cell(e["results"].get(m), "per_step_s") for m in methods],
+            f"{r1:.2f}" if r1 else "-",
+            f"{r2:.2f}" if r2 else "-",
+        )
+    console.print(table)
+
+
+def print_summary(console, report: dict) -> None:
+    from rich.table import Table
+
+    summary = report["summary"]
+    table = Table(title="summary")
+    table.add_column("")
+    for dtype in report["dtypes"]:
+        table.add_column(dtype, justify="right")
+
+    def fmt(s, key, digits=2):
+        v = s.get(key)
+        if isinstance(v, dict):
+            val = v.get("value")
+            where = v.get("config") or v.get("net") or ""
+            return f"{val:.{digits}f} ({where})" if val is not None else "-"
+        return f"{v:.{digits}f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    rows = [
+        ("configs", "configs"),
+        ("geomean speedup of auto over best of {nested, jet, baseline}", "geomean_speedup"),
+        ("min speedup, m ≥ 2", "min_speedup_m_ge_2"),
+        ("max auto / floor, batch ≥ 64", "max_floor_ratio_batch_ge_64"),
+        ("median auto / floor, batch ≥ 64", "median_floor_ratio_batch_ge_64"),
+        ("latency: auto / forward (one point)", "latency_ratio"),
+        ("scan: auto / nested per step", "scan_ratio_auto_to_nested"),
+        ("scan: auto / baseline per step", "scan_ratio_auto_to_baseline"),
+    ]
+    for label, key in rows:
+        table.add_row(label, *[fmt(summary[d], key) for d in report["dtypes"]])
+    table.add_row(
+        "cost model: auto's pick / fastest (geomean, max)",
+        *[
+            "{geomean:.2f}, {max:.2f}".format(**summary[d]["cost_model_choice_over_fastest"])
+            if summary[d].get("cost_model_choice_over_fastest")
+            else "-"
+            for d in report["dtypes"]
+        ],
+    )
+    table.add_row(
+        "cost model: predicted / measured (geometric s.d.)",
+        *[fmt(summary[d], "cost_model_geo_sd") for d in report["dtypes"]],
+    )
+    table.add_row(
+        "GEMM Gflop/s (floor rate)", *[f"{report['gemm'][d]['peak_flop_per_s'] / 1e9:.1f}" for d in report["dtypes"]]
+    )
+    table.add_row(
+        "worst deviation from nested",
+        *[f"{summary['worst_rel_dev'][d]:.1e}" if d in summary["worst_rel_dev"] else "-" for d in report["dtypes"]],
+    )
+    console.print(table)
+    for d in report["dtypes"]:
+        for item in summary[d].get("auto_not_fastest", []):
+            console.print(
+                f"[yellow]{d} {item['config']}: auto is {item['auto_over_fastest']:.2f}× the fastest kernel "
+                f"({item['fastest']})[/yellow]"
+            )
+    if summary["errors"]:
+        console.print("[red]errors:[/red]\n  " + "\n  ".join(summary["errors"]))
+    if summary["disagreements"]:
+        console.print("[red]methods disagreeing with nested AD:[/red]\n  " + "\n  ".join(summary["disagreements"]))
+    else:
+        console.print("[green]every method that ran agreed with nested AD[/green]")
+    console.print(f"{len(summary['skipped'])} (config, method) pairs skipped as too slow; see the JSON for reasons")
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None, prog: str = "bench.py") -> argparse.ArgumentParser:
+    """The benchmark's options, added to ``parser`` (a ``nnderiv bench`` subparser) or a new one."""
+    p = parser or argparse.ArgumentParser(
+        prog=prog,
+        description="Time every nnderiv method (and a plain jacfwd/jacrev baseline) on a grid of MLPs; "
+        "single-point latency; per-step cost in a lax.scan loop. Writes all numbers to JSON.",
+    )
+    p.add_argument("--quick", action="store_true", help="a handful of tiny configs (< 1 minute): a smoke test")
+    p.add_argument("--dtype", choices=("float64", "float32", "both"), default="both")
+    p.add_argument("--filter", default=None, help="regex on grid config names, e.g. 'm16|b8192' or '^m3-w64x3'")
+    p.add_argument(
+        "--sections", default="grid,latency,scan", help="comma-separated subset of grid,latency,scan (default all)"
+    )
+    p.add_argument("--methods", default=None, help="comma-separated nnderiv methods (default: all; auto always runs)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default ./bench-HOST-DATE.json)")
+    p.add_argument("--max-call-s", type=float, default=5.0, help="skip a method whose call would take longer (5)")
+    p.add_argument("--max-mem-gb", type=float, default=8.0, help="skip a method needing more memory by the cost model")
+    p.add_argument("--target-s", type=float, default=None, help="time budget of one measurement (0.3; quick 0.05)")
+    p.add_argument("--steps", type=int, default=None, help="lax.scan steps (2000; quick 200)")
+    p.add_argument("--list", action="store_true", help="print the selected grid configs and exit")
+    p.add_argument(
+        "--json", action="store_true", help="print the JSON report to stdout (tables and progress go to stderr)"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None, default_dir: Path | None = None) -> int:
+    """Run the benchmark; returns 0 if every method agreed with nested AD and none failed."""
+    return run(build_parser().parse_args(argv), argv, default_dir)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir: Path | None = None) -> int:
+    """Run the benchmark for parsed ``args`` (see :func:`build_parser`)."""
+    jax.config.update("jax_enable_x64", True)
+    started = time.perf_counter()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"grid", "latency", "scan"}
+    if unknown:
+        raise SystemExit(f"unknown sections: {sorted(unknown)}")
+    dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
+    grid = quick_grid() if args.quick else full_grid()
+    if args.filter:
+        pattern = re.compile(args.filter)
+        grid = [(g, c) for g, c in grid if pattern.search(c.name)]
+    if args.list:
+        for g, c in grid:
+            print(f"{c.name:32s} {g}")
+        return 0
+    selected = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    methods = _method_names(selected)
+    opts = Options(
+        target_s=args.target_s if args.target_s is not None else (0.05 if args.quick else 0.3),
+        max_call_s=args.max_call_s,
+        max_mem_bytes=args.max_mem_gb * 2**30,
+        probe_points=64,
+        ref_points=16,
+        steps=args.steps if args.steps is not None else (200 if args.quick else 2000),
+        dt=1e-3,
+        latency_target_s=0.05 if args.quick else 0.3,
+    )
+    out_path = args.out or default_out(args.quick, default_dir)
+    console = _console(stderr=args.json)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "mode": "quick" if args.quick else "full",
+        "filter": args.filter,
+        "sections": sorted(sections),
+        "dtypes": dtypes,
+        "methods": methods,
+        "nnderiv_methods": [m for m in methods if m != BASELINE],
+        "machine": machine_info(),
+        "load_average_start": list(os.getloadavg()),
+        "settings": {**dataclasses.asdict(opts), "rtol": RTOL, "competitors": list(COMPETITORS)},
+        "gemm": {},
+        "grid": [],
+        "latency": [],
+        "scan": [],
+        "complete": False,
+    }
+
+    def checkpoint():
+        """Write what there is so far: a run that is stopped early still leaves its numbers."""
+        report["summary"] = summarize(report)
+        report["elapsed_s"] = time.perf_counter() - started
+        write_json(report, out_path)
+
+    mach = report["machine"]
+    console.print(
+        f"[bold]nnderiv benchmark[/bold] ({report['mode']}): {len(grid)} grid configs × {dtypes}, methods {methods}\n"
+        f"{mach['cpu_model']}, {mach['cores']} cores, jax {mach['jax']} on {mach['device_kind']}"
+    )
+    load = report["load_average_start"][0]
+    if load > 0.5:
+        console.print(f"[yellow]load average {load:.2f} before starting: other work competes for the CPU[/yellow]")
+    for dtype in dtypes:
+        gemm = gemm_rate(dtype, target_s=max(opts.target_s, 0.2))
+        report["gemm"][dtype] = gemm
+        console.print(f"{dtype}: GEMM (8192×256)@(256×256) {gemm['peak_flop_per_s'] / 1e9:.1f} Gflop/s (best call)")
+        if "grid" in sections:
+            entries = []
+            for i, (group, cfg) in enumerate(grid, 1):
+                entry = run_config(cfg, group, dtype, methods, gemm, opts)
+                entries.append(entry)
+                report["grid"].append(entry)
+                checkpoint()
+                auto = entry["results"].get("auto", {})
+                speed = f"{entry['speedup']:.2f}×" if entry["speedup"] else "-"
+                console.print(
+                    f"  [{i}/{len(grid)}] {dtype} {cfg.name:30s} auto {_us(auto.get('per_point_s'))} µs/pt, "
+                    f"speedup {speed}, {'ok' if entry['check']['all_agree'] else '[red]DISAGREE[/red]'} "
+                    f"({entry['wall_s']:.1f} s)",
+                    highlight=False,
+                )
+            # the floor uses the faster of two GEMM measurements, before and after the grid
+            again = gemm_rate(dtype, target_s=max(opts.target_s, 0.2))
+            report["gemm"][dtype] = gemm = merge_gemm(gemm, again)
+            for entry in entries:
+                entry.update(_derived(entry, _config_of(entry), gemm))
+            print_grid(console, entries, dtype, methods, gemm)
+        single_point_sections = (
+            ("latency", QUICK_LATENCY_NETS, LATENCY_NETS, run_latency, print_latency),
+            ("scan", QUICK_SCAN_NETS, SCAN_NETS, run_scan, print_scan),
+        )
+        for section, quick_nets, full_nets, run_one, print_section in single_point_sections:
+            if section not in sections:
+                continue
+            entries = [run_one(cfg, dtype, methods, opts) for cfg in (quick_nets if args.quick else full_nets)]
+            report[section] += entries
+            checkpoint()
+            print_section(console, entries, dtype, methods)
+    report["load_average_end"] = list(os.getloadavg())
+    report["summary"] = summarize(report)
+    report["elapsed_s"] = time.perf_counter() - started
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["complete"] = True
+    write_json(report, out_path)
+    print_summary(console, report)
+    console.print(f"total {report['elapsed_s']:.0f} s; wrote {out_path}")
+    if args.json:
+        sys.stdout.write(json.dumps(_json_safe(report), indent=1) + "\n")
+    summary = report["summary"]
+    return 0 if summary["all_agree"] and not summary["errors"] else 1
