@@ -82,14 +82,18 @@ def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
     rule as ``a = s(z)``, with the derivatives of ``s`` shifted by one order.
     """
     batch, m = x.shape
-    value, rows = x, jnp.eye(m, dtype=x.dtype)  # the unstacked state: (B, w), (m, w)
+    # The unstacked state: values (B, w) and first-derivative rows (m, w). ``rows=None``
+    # is the identity: the first layer's rows are then its weight itself, a constant XLA
+    # can fold the first activation's products into, where ``eye(m) @ W`` would be a
+    # matmul at run time (two extra ops per call, which single-point latency pays).
+    value, rows = x, None
     stack = None
     slopes = []
     for stage in stages:
         if isinstance(stage, _network.RuntimeAffine):
             if stack is None:
                 value = value @ stage.weight
-                rows = rows @ stage.weight
+                rows = stage.weight if rows is None else rows @ stage.weight
                 if stage.bias is not None:
                     value = value + stage.bias
             else:
@@ -103,6 +107,7 @@ def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
         else:
             s = stage.taylor(value if stack is None else stack[:, 0])
             if stack is None:
+                rows = jnp.eye(m, dtype=x.dtype) if rows is None else rows
                 new = _activate_constant(s[: order + 1], rows, m, order)
                 if keep_slopes:
                     slopes.append(_activate_constant(s[1 : order + 2], rows, m, order))
@@ -112,6 +117,7 @@ def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
                     slopes.append(_activate_stack(s[1 : order + 2], stack, m, order))
             stack = new
     if stack is None:  # an affine (linear) network
+        rows = jnp.eye(m, dtype=x.dtype) if rows is None else rows
         n = value.shape[-1]
         parts = [value[:, None, :], jnp.broadcast_to(rows[None], (batch, m, n))]
         for k in range(2, order + 1):
