@@ -18,6 +18,11 @@ from ._api import derivs_fn as derivs_fn
 from ._bundled import bundled_network as bundled_network
 from ._bundled import bundled_target as bundled_target
 from ._bundled import load_bundled as load_bundled
+from ._checkpoint import checkpoint_metadata as checkpoint_metadata
+from ._checkpoint import from_checkpoint as from_checkpoint
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import metadata_path as metadata_path
+from ._checkpoint import save_checkpoint as save_checkpoint
 from ._derivatives import Derivatives as Derivatives
 from ._flax import from_flax as from_flax
 from ._flax import from_function as from_function
@@ -41,10 +46,15 @@ __all__ = [
     "NotAnMLPError",
     "bundled_network",
     "bundled_target",
+    "checkpoint_metadata",
     "derivatives",
     "derivs_fn",
+    "from_checkpoint",
     "from_flax",
     "from_function",
     "load_bundled",
+    "load_checkpoint",
+    "metadata_path",
     "packed_indices",
+    "save_checkpoint",
 ]

@@ -164,3 +164,8 @@ class ResidualMLP(nn.Module):
 
 def points(m: int, batch: tuple = (5,), seed: int = 7, scale: float = 1.0) -> jax.Array:
     return scale * jax.random.normal(jax.random.PRNGKey(seed), (*batch, m), jnp.float64)
+
+
+def checkpoint_mlp(widths: Sequence[int] = (16, 16), activation: str = "tanh", out: int = 1) -> CompactMLP:
+    """A ``CompactMLP`` from JSON-friendly arguments: the factory ``nnderiv check --module`` is tested with."""
+    return CompactMLP(tuple(int(w) for w in widths), (activation,) * len(widths), int(out))
