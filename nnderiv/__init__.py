@@ -15,6 +15,7 @@ from ._api import ORDERS as ORDERS
 from ._api import DerivsFn as DerivsFn
 from ._api import derivatives as derivatives
 from ._api import derivs_fn as derivs_fn
+from ._api import sharded_derivs_fn as sharded_derivs_fn
 from ._bundled import bundled_network as bundled_network
 from ._bundled import bundled_target as bundled_target
 from ._bundled import load_bundled as load_bundled
@@ -57,4 +58,5 @@ __all__ = [
     "metadata_path",
     "packed_indices",
     "save_checkpoint",
+    "sharded_derivs_fn",
 ]

@@ -103,7 +103,11 @@ def _gelu_tanh(z):
 def _gelu_erf(z):
     cdf = 0.5 * jax.lax.erfc(-z / math.sqrt(2.0))
     pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
-    return z * cdf, cdf + z * pdf, pdf * (2.0 - z * z), pdf * z * (z * z - 4.0)
+    # pdf underflows to exactly 0 beyond |z| = 40 (exp(-800)); clipping z in the polynomial
+    # factors there changes nothing, and keeps z*z from overflowing (|z| > 1e154) into
+    # inf * 0 = NaN.
+    zc = jnp.clip(z, -40.0, 40.0)
+    return z * cdf, cdf + zc * pdf, pdf * (2.0 - zc * zc), pdf * zc * (zc * zc - 4.0)
 
 
 def _sin(z):

@@ -59,7 +59,7 @@ def from_flax(module, variables: Mapping | None = None, *, input_dim: int | None
         def apply_nnx(state, x):
             return nnx.merge(graphdef, state)(x)
 
-        return _wrap(apply_nnx, state, type(module).__name__, input_dim)
+        return _wrap(apply_nnx, state, type(module).__name__, input_dim, key=("nnx", graphdef))
     if isinstance(module, linen.Module):
         if variables is None:
             raise TypeError(
@@ -79,7 +79,7 @@ def from_flax(module, variables: Mapping | None = None, *, input_dim: int | None
         def apply_linen(variables, x):
             return module.apply(variables, x)
 
-        return _wrap(apply_linen, variables, type(module).__name__, input_dim)
+        return _wrap(apply_linen, variables, type(module).__name__, input_dim, key=("linen", module))
     raise TypeError(
         f"from_flax expects a flax.linen.Module or flax.nnx.Module, got {type(module).__name__}. "
         "For a plain function f(params, x) use nnderiv.from_function(f, params)."
@@ -103,15 +103,15 @@ def from_function(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable as fn(params, x), got {type(fn).__name__}")
-    return _wrap(fn, params, name or getattr(fn, "__name__", "function"), input_dim)
+    return _wrap(fn, params, name or getattr(fn, "__name__", "function"), input_dim, key=("function", fn))
 
 
-def _wrap(apply, params, name: str, input_dim: int | None) -> Network:
+def _wrap(apply, params, name: str, input_dim: int | None, key=None) -> Network:
     if input_dim is None:
         input_dim = _infer_input_dim(apply, params, name)
     elif not isinstance(input_dim, (int, np.integer)) or input_dim < 1:
         raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
-    return Network(params, ModelSpec(apply, name, None if input_dim is None else int(input_dim)))
+    return Network(params, ModelSpec(apply, name, None if input_dim is None else int(input_dim), key=key))
 
 
 def _infer_input_dim(apply, params, name: str) -> int | None:

@@ -52,12 +52,41 @@ class NotAnMLPError(ValueError):
 
 @dataclasses.dataclass(eq=False)
 class ModelSpec:
-    """The static part of a :class:`Network`; compared and hashed by identity."""
+    """The static part of a :class:`Network`.
+
+    Compared and hashed by ``key`` when there is one (a hashable description of the
+    model's code, e.g. the linen module, which compares by its fields), else by identity.
+    Equal specs let ``jit`` reuse one compiled program for two wrappings of the same
+    model, e.g. ``from_flax(module, variables)`` called anew for every set of variables.
+    """
 
     apply: Callable[[Any, jax.Array], jax.Array]
     name: str
     input_dim: int | None
     cache: dict = dataclasses.field(default_factory=dict, repr=False)
+    key: Any = None
+
+    def _identity(self):
+        return self if self.key is None else (self.key, self.name, self.input_dim)
+
+    def __eq__(self, other):
+        if not isinstance(other, ModelSpec):
+            return NotImplemented
+        if self.key is None or other.key is None:
+            return self is other
+        try:
+            return bool(self._identity() == other._identity())
+        except Exception:  # noqa: BLE001 - keys that cannot be compared are different models
+            return False
+
+    def __hash__(self):
+        return id(self) if self.key is None else hash(self._identity())
+
+    def __post_init__(self):
+        try:
+            hash(self.key)
+        except TypeError:  # e.g. a module with a list field: identity it is
+            self.key = None
 
 
 @jax.tree_util.register_pytree_node_class

@@ -216,3 +216,19 @@ def test_packed_layout_option(net, method):
     np.testing.assert_array_equal(packed.jacobian, full.jacobian)
     with pytest.raises(ValueError, match="unknown layout 'dense'"):
         nnderiv.derivs_fn(net, layout="dense")
+
+
+def test_eager_calls_reuse_one_compiled_program():
+    """Outside jit, derivatives() compiles once per model structure, not once per wrapping."""
+    from nnderiv import _api
+
+    case = _models.linen_mlp(2, [8], 1, "tanh")
+    x = _models.points(2, (3,))
+    first = nnderiv.derivatives(nnderiv.from_flax(case.module, case.variables), x)
+    size = _api._compiled_derivatives._cache_size()
+    other = jax.tree_util.tree_map(lambda a: 2 * a, case.variables)
+    second = nnderiv.derivatives(nnderiv.from_flax(case.module, other), x)  # same module, new variables
+    assert _api._compiled_derivatives._cache_size() == size
+    reference = nnderiv.derivatives(nnderiv.from_flax(case.module, other), x, method="nested")
+    assert not np.allclose(first.third, second.third)
+    assert_derivatives_close(second, reference, rtol=1e-12)

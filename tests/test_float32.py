@@ -46,3 +46,27 @@ def test_float32_input_with_float64_params_follows_promotion():
     x = np.ones((2, 2), np.float32)
     d = nnderiv.derivatives(case.net(), x, method="analytic")
     assert d.third.dtype == jnp.float64
+
+
+# Nets like the benchmark ones (width 64, depth 3, m up to 8). Bound for the analytic
+# kernels: every coefficient is a sum over the fan-in (64) of products of weights and
+# closed-form activation derivatives, so each layer adds at most ~fan_in * u of relative
+# error (u = 6e-8) per term in the worst case and ~sqrt(fan_in) * u = 5e-7 typically;
+# three layers and the three-term order-3 product rule give a worst-case bound of about
+# 3 * 3 * 64 * u = 3.5e-5, and we allow 2e-5 (observed: at most 8e-7). Nested AD and jet
+# keep RTOL_F32: differentiating the tanh-form GELU by the chain rule subtracts nearly
+# equal terms (observed up to 1.2e-4 for nested at m=8, weights at 1.5/sqrt(fan_in)).
+RTOL_F32_ANALYTIC = 2e-5
+
+
+@pytest.mark.parametrize(("activation", "m", "n"), [(["tanh", "softplus", "silu"], 8, 2), ("gelu_tanh", 8, 1)])
+def test_float32_benchmark_sized_nets(activation, m, n):
+    case = _models.linen_mlp(m, [64, 64, 64], n, activation, seed=3, scale=1.5)
+    x64 = _models.points(m, (8,))
+    expected = nnderiv.derivs_fn(case.net(), method="forward")(x64)  # float64
+    net32 = nnderiv.from_flax(case.module, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), case.variables))
+    x32 = x64.astype(jnp.float32)
+    for method, rtol in (("forward", RTOL_F32_ANALYTIC), ("fwdrev", RTOL_F32_ANALYTIC), ("nested", RTOL_F32)):
+        got = nnderiv.derivs_fn(net32, method=method)(x32)
+        assert got.third.dtype == jnp.float32
+        assert assert_derivatives_close(got, expected, rtol, f"float32 {method} {activation} m={m}") > 0

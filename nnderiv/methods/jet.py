@@ -147,7 +147,10 @@ def jet_method(net, x: jax.Array, order: int) -> Derivatives:
             f"method='jet' cannot differentiate this model: jax.experimental.jet has no Taylor "
             f"rule for the primitive {err.args[0]}. Use method='nested' (or 'auto')."
         ) from None
-    fields = [value]
+    # The value from the plain function, not the jet's primal: jet's rule for ``max`` drops
+    # a NaN operand, so relu(NaN) would come out 0 instead of NaN as the model gives.
+    fields = [jax.vmap(f)(x)]
+    del value
     for k in range(1, order + 1):
         r = jnp.asarray(recovery_matrix(m, order, k), dtype=x.dtype)
         packed = jnp.einsum("pd,bdn->bnp", r, terms[k - 1])
