@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnderiv`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given, for reports that record it
     if args.command is None:
         parser.print_help()
         return 2
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _bench_command(args: argparse.Namespace) -> int:
     from . import _bench
 
-    return _bench.run(args, sys.argv[2:])
+    return _bench.run(args, args.argv[1:])
 
 
 def _positive_int(text: str) -> int:

@@ -137,11 +137,11 @@ def jet_method(net, x: jax.Array, order: int) -> Derivatives:
         return jax_jet.jet(f, (point,), (series,))
 
     def at_point(point):
-        value, terms = jax.vmap(lambda v: along(point, v))(directions)
-        return value[0], terms  # terms[k-1]: (D, n) = D^k f[v^k]
+        _, terms = jax.vmap(lambda v: along(point, v))(directions)
+        return terms  # terms[k-1]: (D, n) = D^k f[v^k]
 
     try:
-        value, terms = jax.vmap(at_point)(x)
+        terms = jax.vmap(at_point)(x)
     except KeyError as err:  # jet's rule table has no entry for some primitive
         raise ValueError(
             f"method='jet' cannot differentiate this model: jax.experimental.jet has no Taylor "
@@ -150,7 +150,6 @@ def jet_method(net, x: jax.Array, order: int) -> Derivatives:
     # The value from the plain function, not the jet's primal: jet's rule for ``max`` drops
     # a NaN operand, so relu(NaN) would come out 0 instead of NaN as the model gives.
     fields = [jax.vmap(f)(x)]
-    del value
     for k in range(1, order + 1):
         r = jnp.asarray(recovery_matrix(m, order, k), dtype=x.dtype)
         packed = jnp.einsum("pd,bdn->bnp", r, terms[k - 1])
