@@ -158,6 +158,18 @@ def full_grid() -> list[tuple[str, Config]]:
         (corner, Config(4, 32, 2, 3, 8192, "gelu")),
         (corner, Config(1, 16, 1, 1, 8192, "tanh")),  # smallest net, overhead-bound
     ]
+    # Realistic surrogates: scalar or few outputs, m = 2..12, widths 32..128, depths 2..4.
+    surrogate = "surrogate"
+    grid += [
+        (surrogate, Config(2, 32, 2, 1, 4096, "softplus")),
+        (surrogate, Config(4, 32, 3, 1, 1024, "gelu")),
+        (surrogate, Config(6, 64, 3, 1, 1024, "silu")),
+        (surrogate, Config(12, 64, 2, 1, 512, "tanh")),
+        (surrogate, Config(3, 128, 4, 2, 2048, "softplus")),
+        (surrogate, Config(9, 96, 3, 1, 256, "tanh")),
+        (surrogate, Config(5, 48, 2, 3, 128, "silu")),
+        (surrogate, Config(2, 64, 4, 1, 4096, "gelu")),
+    ]
     return _dedupe(grid)
 
 
@@ -416,6 +428,18 @@ def floor_terms(cfg: Config) -> dict[str, Any]:
         "macs_after_first": macs,
         "flops": 2 * cfg.batch * k * macs,
     }
+
+
+def kernel_flops(cfg: Config) -> dict[str, float]:
+    """Matmul flops per point of each algorithm (forward, fwdrev, nested), unweighted."""
+    from nnderiv.methods import _cost
+
+    out = {}
+    for algorithm in _cost.ALGORITHMS:
+        p = _cost.columns(algorithm, cfg.m, cfg.n, 3)
+        layers = cfg.layers if algorithm == "nested" else cfg.layers[1:]
+        out[algorithm] = 2.0 * p * sum(i * o for i, o in layers)
+    return out
 
 
 def _passes(method: str, cfg: Config) -> float:
@@ -683,6 +707,14 @@ def _derived(entry: dict, cfg: Config, gemm: dict) -> dict[str, Any]:
     floor["per_point_s"] = floor["seconds"] / cfg.batch
     out["floor"] = floor
     out["floor_ratio"] = auto_t / floor["per_point_s"] if auto_t and floor["per_point_s"] > 0 else None
+    # Each algorithm against its own floor: its matmul flops at the GEMM rate.
+    out["kernel_floor_ratio"] = {}
+    for algorithm, per_point_flops in kernel_flops(cfg).items():
+        t, _ = _time_of(res.get(algorithm), False)
+        own = per_point_flops / gemm["peak_flop_per_s"]
+        out["kernel_floor_ratio"][algorithm] = t / own if t and own > 0 else None
+    nested_t, _ = _time_of(res.get(REFERENCE), False)
+    out["auto_over_nested_speedup"] = nested_t / auto_t if nested_t and auto_t else None
     out["cost_model"] = _cost_model_check(entry, cfg)
     return out
 
@@ -691,7 +723,7 @@ def _cost_model_check(entry: dict, cfg: Config) -> dict[str, Any]:
     """The cost model's predicted time per point next to the measured one, per algorithm."""
     from nnderiv.methods import _cost
 
-    predicted = _cost.predicted_seconds(cfg.layers, cfg.m, cfg.n, 3, entry["dtype"])
+    predicted = _cost.predicted_seconds(cfg.layers, cfg.m, cfg.n, 3, entry["dtype"], cfg.batch)
     measured = {a: _time_of(entry["results"].get(a), False)[0] for a in predicted}
     measured = {a: t for a, t in measured.items() if t is not None}
     out: dict[str, Any] = {"predicted_per_point_s": predicted, "measured_per_point_s": measured}
@@ -883,6 +915,16 @@ def summarize(report: dict) -> dict[str, Any]:
         if m2:
             worst = min(m2, key=lambda c: c["speedup"])
             s["min_speedup_m_ge_2"] = {"value": worst["speedup"], "config": worst["name"]}
+        nested_speedups = [c for c in grid if c.get("auto_over_nested_speedup")]
+        if nested_speedups:
+            s["geomean_speedup_over_nested"] = _geomean([c["auto_over_nested_speedup"] for c in nested_speedups])
+            worst = min(nested_speedups, key=lambda c: c["auto_over_nested_speedup"])
+            s["min_speedup_over_nested"] = {"value": worst["auto_over_nested_speedup"], "config": worst["name"]}
+        for label, low, high in (("width_ge_64", 64, 10**9), ("width_32_63", 32, 63)):
+            band = [c for c in grid if c["batch"] >= 64 and low <= c["width"] <= high and c["floor_ratio"]]
+            if band:
+                worst = max(band, key=lambda c: c["floor_ratio"])
+                s[f"max_floor_ratio_{label}"] = {"value": worst["floor_ratio"], "config": worst["name"]}
         floors = [c for c in grid if c["batch"] >= 64 and c["floor_ratio"]]
         if floors:
             worst = max(floors, key=lambda c: c["floor_ratio"])
@@ -997,7 +1039,8 @@ def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gem
     table = Table(
         title=f"derivatives to order 3, {dtype}: µs per point (median ± IQR/median)",
         caption=(
-            f"speedup: best of {{nested, jet, baseline}} / auto; × floor: auto / matmul floor "
+            f"speedup: best of {{nested, jet, baseline}} / auto; vs nested: nested / auto; × floor: auto / matmul "
+            f"floor of the cheaper packed algorithm; × own floor: each algorithm / its own matmul flops "
             f"(GEMM {gemm['peak_flop_per_s'] / 1e9:.1f} Gflop/s); dev: max rel. deviation from nested"
         ),
     )
@@ -1006,7 +1049,9 @@ def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gem
     for m in methods:
         table.add_column(m, justify="right", no_wrap=True)
     table.add_column("speedup", justify="right", no_wrap=True)
+    table.add_column("vs nested", justify="right", no_wrap=True)
     table.add_column("× floor", justify="right", no_wrap=True)
+    table.add_column("× own floor fwd/fwdrev/nested", justify="right", no_wrap=True)
     table.add_column("dev", justify="right", no_wrap=True)
     for e in entries:
         best = e["best_competitor"]
@@ -1022,7 +1067,9 @@ def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gem
             e["auto_choice"] or "-",
             *[_cell(e["results"].get(m)) for m in methods],
             speed,
+            f"{e['auto_over_nested_speedup']:.2f}" if e.get("auto_over_nested_speedup") else "-",
             f"{e['floor_ratio']:.1f}" if e["floor_ratio"] else "-",
+            "/".join(f"{r:.1f}" if r else "-" for r in e.get("kernel_floor_ratio", {}).values()),
             dev,
         )
     console.print(table)
@@ -1092,6 +1139,10 @@ def print_summary(console, report: dict) -> None:
         ("configs", "configs"),
         ("geomean speedup of auto over best of {nested, jet, baseline}", "geomean_speedup"),
         ("min speedup, m ≥ 2", "min_speedup_m_ge_2"),
+        ("geomean speedup of auto over nested", "geomean_speedup_over_nested"),
+        ("min speedup of auto over nested", "min_speedup_over_nested"),
+        ("max auto / floor, batch ≥ 64, width ≥ 64", "max_floor_ratio_width_ge_64"),
+        ("max auto / floor, batch ≥ 64, width 32-63", "max_floor_ratio_width_32_63"),
         ("max auto / floor, batch ≥ 64", "max_floor_ratio_batch_ge_64"),
         ("median auto / floor, batch ≥ 64", "median_floor_ratio_batch_ge_64"),
         ("latency: auto / forward (one point)", "latency_ratio"),
@@ -1169,7 +1220,50 @@ def build_parser(parser: argparse.ArgumentParser | None = None, prog: str = "ben
     p.add_argument(
         "--json", action="store_true", help="print the JSON report to stdout (tables and progress go to stderr)"
     )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure this machine's rates for auto's cost model now (about a second), write them to the "
+        "cache, say which rates were in use before, and exit",
+    )
     return p
+
+
+def _calibration_record(cal) -> dict[str, Any]:
+    return {
+        "dtype": cal.dtype,
+        "source": cal.source,
+        "note": cal.note,
+        "path": str(cal.path) if cal.path else None,
+        "rates": cal.rates.to_json(),
+    }
+
+
+def run_calibration(args: argparse.Namespace) -> int:
+    """``--calibrate``: report the rates in use, measure anew, write the cache."""
+    from nnderiv.methods import _calibration
+
+    console = _console(stderr=args.json)
+    dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
+    out = {"schema": "nnderiv-calibration-run/1", "cache": str(_calibration.cache_path()), "dtypes": {}}
+    for dtype in dtypes:
+        before = _calibration.calibrate(dtype, measure=False)
+        console.print(f"{dtype}: in use before: {before.source} rates ({before.note})", highlight=False)
+        if before.source == "default" and _calibration.mode() == "off":
+            console.print(f"  ({_calibration.ENV_MODE}=off: derivative calls keep using the defaults)")
+        after = _calibration.calibrate(dtype, force=True)
+        rates = after.rates
+        matmul = ", ".join(f"d={d}: {r / 1e9:.1f}" for d, r in rates.matmul)
+        console.print(
+            f"  measured now ({after.note}): matmul Gflop/s by contraction depth {matmul}; "
+            f"elementwise {rates.elementwise_s * 1e9:.2f} ns/element; {rates.op_s * 1e6:.2f} µs/op",
+            highlight=False,
+        )
+        out["dtypes"][dtype] = {"before": _calibration_record(before), "after": _calibration_record(after)}
+    _calibration.reset()
+    if args.json:
+        sys.stdout.write(json.dumps(_json_safe(out), indent=1) + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, default_dir: Path | None = None) -> int:
@@ -1180,6 +1274,8 @@ def main(argv: Sequence[str] | None = None, default_dir: Path | None = None) -> 
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir: Path | None = None) -> int:
     """Run the benchmark for parsed ``args`` (see :func:`build_parser`)."""
     jax.config.update("jax_enable_x64", True)
+    if args.calibrate:
+        return run_calibration(args)
     if args.sync_dispatch:
         # Takes effect only before the CPU client exists, i.e. before the first computation.
         jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -1225,6 +1321,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir
         "load_average_start": list(os.getloadavg()),
         "settings": {**dataclasses.asdict(opts), "rtol": RTOL, "competitors": list(COMPETITORS)},
         "gemm": {},
+        "calibration": {},
         "grid": [],
         "latency": [],
         "scan": [],
@@ -1246,6 +1343,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir
     if load > 0.5:
         console.print(f"[yellow]load average {load:.2f} before starting: other work competes for the CPU[/yellow]")
     for dtype in dtypes:
+        from nnderiv.methods import _calibration
+
+        cal = _calibration.current(dtype)
+        report["calibration"][dtype] = _calibration_record(cal)
+        console.print(f"{dtype}: auto's cost model uses {cal.source} rates ({cal.note})", highlight=False)
         gemm = gemm_rate(dtype, target_s=max(opts.target_s, 0.2))
         report["gemm"][dtype] = gemm
         console.print(f"{dtype}: GEMM (8192×256)@(256×256) {gemm['peak_flop_per_s'] / 1e9:.1f} Gflop/s (best call)")

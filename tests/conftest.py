@@ -4,6 +4,9 @@ import os
 
 # Several tests compare against a second device count; keep the host platform default.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# auto's choices follow the built-in rates, not a probe of whatever machine runs the tests
+# (tests/test_cost.py covers the calibration with its own cache directory).
+os.environ.setdefault("NNDERIV_CALIBRATION", "off")
 
 import jax  # noqa: E402
 

@@ -1,7 +1,14 @@
-"""The cost model behind ``method="auto"`` (``nnderiv/methods/_cost.py``)."""
+"""The cost model behind ``method="auto"`` and the machine calibration it reads.
+
+The choice logic is tested on synthetic machine rates (a machine where matmuls are free,
+one where elementwise passes are free, one where every op is expensive), never on
+constants fitted to one machine; the calibration is tested for every way its cache can
+be missing, stale or broken.
+"""
 
 from __future__ import annotations
 
+import json
 from math import comb
 
 import jax.numpy as jnp
@@ -9,9 +16,21 @@ import numpy as np
 import pytest
 
 import nnderiv
-from nnderiv.methods import _cost, choose
+from nnderiv.methods import _calibration, _cost, choose
 
 from ._models import linen_mlp, points
+
+
+def rates(matmul_flops=1e10, elementwise_s=1e-9, op_s=1e-6, slope=1.0) -> _calibration.Rates:
+    """Synthetic rates: ``slope`` > 1 makes deep contractions faster than shallow ones."""
+    return _calibration.Rates(
+        tuple((d, matmul_flops * (d / 256) ** np.log(slope)) for d in (8, 32, 128, 256)), elementwise_s, op_s
+    )
+
+
+FREE_MATMULS = rates(matmul_flops=1e30)
+FREE_ELEMENTWISE = rates(elementwise_s=1e-30, op_s=0.0)
+SLOW_OPS = rates(matmul_flops=1e30, elementwise_s=1e-30, op_s=1.0)
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (3, 1), (3, 8), (16, 1)])
@@ -24,44 +43,204 @@ def test_columns(m, n):
         _cost.columns("magic", m, n, 3)
 
 
-def test_work_counts_the_first_layer_only_for_nested():
+def test_only_nested_multiplies_through_the_first_layer():
     layers = [(3, 64), (64, 64), (64, 1)]
     work = _cost.work(layers, 3, 1, 3)
-    assert work["forward"] == (2.0 * 20 * (64 * 64 + 64), 20.0 * 128)
-    assert work["fwdrev"] == (2.0 * 20 * (64 * 64 + 64), 2 * 20.0 * 128)
-    assert work["nested"] == (2.0 * 32 * (3 * 64 + 64 * 64 + 64), 32.0 * 128)
+    assert [d for d, _ in work["forward"].matmuls] == [64, 64]
+    assert [d for d, _ in work["nested"].matmuls] == [3, 64, 64]
+    # flops scale with the columns each algorithm pushes: forward's and fwdrev's are 20 here
+    ratio = work["nested"].matmuls[1][1] / work["forward"].matmuls[0][1]
+    assert ratio == pytest.approx(_cost.columns("nested", 3, 1, 3) / _cost.columns("forward", 3, 1, 3))
 
 
-@pytest.mark.parametrize(
-    "m,widths,n,expected",
-    [
-        # per-element overheads of the kernels dominate a 16-unit layer (measured 0.06 vs 0.10 µs/pt)
-        ((1, (16,), 1, "nested")),
-        ((3, (64, 64, 64), 8, "forward")),  # many outputs: forward's columns do not grow with n
-        ((16, (64, 64, 64), 1, "fwdrev")),  # many inputs, one output: 2 C(18,2) = 306 < C(19,3) = 969
-        ((3, (64, 64, 64), 1, "forward")),
-    ],
-)
-def test_auto_picks_the_cheapest_algorithm(m, widths, n, expected):
-    case = linen_mlp(m, widths, n, "tanh")
+def test_free_matmuls_pick_the_fewest_elementwise_elements():
+    for m, n in [(3, 1), (8, 1), (3, 8), (1, 1)]:
+        layers = [(m, 64), (64, 64), (64, n)]
+        work = _cost.work(layers, m, n, 3)
+        fewest = min(work, key=lambda a: work[a].elements)
+        assert _cost.choose(layers, m, n, 3, "float64", 1024, FREE_MATMULS) == fewest
+
+
+def test_free_elementwise_picks_the_fewest_flops():
+    for m, n in [(3, 1), (12, 1), (3, 8), (2, 4)]:
+        layers = [(m, 128), (128, 128), (128, n)]
+        work = _cost.work(layers, m, n, 3)
+        fewest = min(work, key=lambda a: work[a].flops)
+        assert _cost.choose(layers, m, n, 3, "float64", 1024, FREE_ELEMENTWISE) == fewest
+
+
+def test_many_outputs_favour_forward_and_many_inputs_fwdrev_when_matmuls_dominate():
+    # forward's columns do not grow with n; fwdrev's (1 + n) C(m+2, 2) < C(m+3, 3) for m >= 6 at n = 1
+    wide = [(3, 256), (256, 256), (256, 8)]
+    assert _cost.choose(wide, 3, 8, 3, "float64", 1024, FREE_ELEMENTWISE) == "forward"
+    many_inputs = [(16, 256), (256, 256), (256, 1)]
+    assert _cost.choose(many_inputs, 16, 1, 3, "float64", 1024, FREE_ELEMENTWISE) == "fwdrev"
+
+
+def test_expensive_ops_pick_the_program_with_fewest_ops_at_batch_one():
+    layers = [(3, 64), (64, 64), (64, 1)]
+    work = _cost.work(layers, 3, 1, 3)
+    fewest = min(work, key=lambda a: work[a].ops)
+    assert _cost.choose(layers, 3, 1, 3, "float64", 1, SLOW_OPS) == fewest
+    # per point, the op cost is spread over the batch
+    per_point = _cost.predicted_seconds(layers, 3, 1, 3, "float64", 1000, SLOW_OPS)
+    assert per_point[fewest] == pytest.approx(work[fewest].ops / 1000)
+
+
+def test_a_shallow_contraction_runs_at_its_own_rate():
+    shallow_slow = rates(slope=4.0)  # 8-deep products 1/1000th of the 256-deep rate
+    assert shallow_slow.matmul_rate(8) < shallow_slow.matmul_rate(64) < shallow_slow.matmul_rate(256)
+    assert shallow_slow.matmul_rate(1000) == pytest.approx(shallow_slow.matmul_rate(256))  # clamped
+    narrow = _cost.predicted_seconds([(2, 16), (16, 16), (16, 1)], 2, 1, 3, "float64", 64, shallow_slow)
+    flat = _cost.predicted_seconds([(2, 16), (16, 16), (16, 1)], 2, 1, 3, "float64", 64, rates())
+    assert all(narrow[a] > flat[a] for a in narrow)
+
+
+def test_restricting_the_candidates_and_order_zero():
+    layers = [(3, 64), (64, 1)]
+    for r in (FREE_MATMULS, FREE_ELEMENTWISE):
+        assert _cost.choose(layers, 3, 1, 3, "float64", 64, r, among=_cost.ANALYTIC) in _cost.ANALYTIC
+    assert _cost.choose(layers, 3, 1, 0, "float64", 64, FREE_MATMULS) == "forward"
+
+
+def test_auto_runs_what_choose_says_and_non_mlps_use_nested():
+    case = linen_mlp(3, (16, 16), 2, "tanh")
     net = nnderiv.from_flax(case.module, case.variables)
-    assert choose(net, m, jnp.float64, 3) == expected
-    x = points(m, (5,), seed=1)
+    x = points(3, (5,), seed=1)
+    picked = choose(net, 3, jnp.float64, 3, batch=5)
+    assert picked in _cost.ALGORITHMS
     auto = nnderiv.derivatives(net, x, method="auto")
-    chosen = nnderiv.derivatives(net, x, method=expected)
+    chosen = nnderiv.derivatives(net, x, method=picked)
     for a, b in zip(auto, chosen):
         np.testing.assert_array_equal(a, b)  # auto *is* the chosen method
+    not_mlp = nnderiv.from_function(lambda p, x: jnp.sin(p * x).sum(keepdims=True), 2.0, input_dim=3)
+    assert choose(not_mlp, 3, jnp.float64, 3) == "nested"
 
 
-def test_order_zero_is_a_forward_pass_and_non_mlps_use_nested():
-    assert _cost.choose([(3, 16), (16, 1)], 3, 1, 0, "float64") == "forward"
-    net = nnderiv.from_function(lambda p, x: jnp.sin(p * x).sum(keepdims=True), 2.0, input_dim=3)
-    assert choose(net, 3, jnp.float64, 3) == "nested"
+# --------------------------------------------------------------------------------------
+# The calibration: measured once per machine, never an error.
 
 
-def test_predictions_are_positive_and_grow_with_the_work():
-    small = _cost.predicted_seconds([(3, 32), (32, 1)], 3, 1, 3, "float64")
-    large = _cost.predicted_seconds([(3, 256), (256, 256), (256, 1)], 3, 1, 3, "float64")
-    for algorithm in _cost.ALGORITHMS:
-        assert 0 < small[algorithm] < large[algorithm]
-    assert _cost.predicted_seconds([(3, 32), (32, 1)], 3, 1, 3, "float32")["forward"] < small["forward"]
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(_calibration.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(_calibration.ENV_MODE, "auto")
+    fake = rates(matmul_flops=123e9)
+    calls = []
+
+    def fake_probe(dtype="float64", target_s=0.01):
+        calls.append(_calibration.dtype_name(dtype))
+        return fake
+
+    monkeypatch.setattr(_calibration, "probe", fake_probe)
+    return tmp_path, calls, fake
+
+
+def test_missing_cache_is_measured_once_and_written(cache_dir):
+    path, calls, fake = cache_dir
+    first = _calibration.calibrate("float64")
+    assert first.source == "probe" and first.rates == fake and calls == ["float64"]
+    assert (path / "calibration.json").exists() and "no calibration" in first.note
+    second = _calibration.calibrate("float64")
+    assert second.source == "cache" and second.rates == fake and calls == ["float64"]  # not measured again
+    third = _calibration.calibrate(jnp.float32)  # the other dtype is added beside it
+    assert third.source == "probe" and calls == ["float64", "float32"]
+    data = json.loads((path / "calibration.json").read_text())
+    assert set(data["rates"]) == {"float64", "float32"}
+
+
+def test_stale_cache_is_measured_again(cache_dir, monkeypatch):
+    path, calls, _ = cache_dir
+    _calibration.calibrate("float64")
+    real = _calibration.fingerprint()
+    monkeypatch.setattr(_calibration, "fingerprint", lambda: {**real, "cpu": "another CPU", "jax": "9.9"})
+    again = _calibration.calibrate("float64")
+    assert again.source == "probe" and "stale" in again.note and "cpu" in again.note and "jax" in again.note
+    assert calls == ["float64", "float64"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"schema": "nnderiv-calibration/1"}', ""])
+def test_unreadable_cache_is_measured_again(cache_dir, content):
+    path, calls, fake = cache_dir
+    (path / "calibration.json").write_text(content)
+    cal = _calibration.calibrate("float64")
+    assert cal.source == "probe" and cal.rates == fake and calls == ["float64"]
+
+
+def test_corrupt_rates_in_a_current_cache_are_measured_again(cache_dir):
+    path, calls, _ = cache_dir
+    _calibration.calibrate("float64")
+    data = json.loads((path / "calibration.json").read_text())
+    data["rates"]["float64"]["matmul"] = [[8, -1.0]]
+    (path / "calibration.json").write_text(json.dumps(data))
+    cal = _calibration.calibrate("float64")
+    assert cal.source == "probe" and "unreadable" in cal.note
+
+
+def test_a_failing_probe_or_unwritable_cache_falls_back_without_error(cache_dir, monkeypatch, tmp_path):
+    def broken(*a, **k):
+        raise RuntimeError("no timer")
+
+    monkeypatch.setattr(_calibration, "probe", broken)
+    cal = _calibration.calibrate("float64")
+    assert cal.source == "default" and cal.rates == _calibration.DEFAULT_RATES["float64"] and "no timer" in cal.note
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(_calibration, "probe", lambda *a, **k: rates())
+    monkeypatch.setenv(_calibration.ENV_DIR, str(blocker / "sub"))  # a directory under a file
+    cal = _calibration.calibrate("float64")
+    assert cal.source == "probe" and "not cached" in cal.note
+
+
+def test_off_uses_the_defaults_and_reads_nothing(cache_dir, monkeypatch):
+    path, calls, _ = cache_dir
+    (path / "calibration.json").write_text("{broken")
+    for value in ("off", "0", "OFF"):
+        monkeypatch.setenv(_calibration.ENV_MODE, value)
+        cal = _calibration.calibrate("float64")
+        assert cal.source == "default" and calls == []
+    forced = _calibration.calibrate("float64", force=True)  # bench --calibrate measures anyway
+    assert forced.source == "probe" and calls == ["float64"]
+
+
+def test_probe_mode_measures_every_time(cache_dir, monkeypatch):
+    _, calls, _ = cache_dir
+    monkeypatch.setenv(_calibration.ENV_MODE, "probe")
+    _calibration.calibrate("float64")
+    _calibration.calibrate("float64")
+    assert calls == ["float64", "float64"]
+
+
+def test_the_real_probe_measures_plausible_rates():
+    measured = _calibration.probe("float32", target_s=0.001)
+    assert [d for d, _ in measured.matmul] == list(_calibration.DEPTHS)
+    assert all(1e6 < r < 1e15 for _, r in measured.matmul)
+    assert 1e-13 < measured.elementwise_s < 1e-6 and 0 <= measured.op_s < 1e-2
+    assert _calibration.Rates.from_json(json.loads(json.dumps(measured.to_json()))) == measured
+
+
+def test_the_process_keeps_one_calibration_per_dtype(cache_dir):
+    _, calls, _ = cache_dir
+    _calibration.reset()
+    try:
+        a = _calibration.current("float64")
+        b = _calibration.current(np.float64)
+        assert a is b and calls == ["float64"]
+    finally:
+        _calibration.reset()
+
+
+def test_bench_calibrate_says_what_was_in_use_and_writes_the_cache(cache_dir, capsys):
+    from nnderiv import _bench
+
+    path, calls, fake = cache_dir
+    assert _calibration.calibrate("float64", measure=False).source == "default"  # a look measures nothing
+    assert calls == []
+    assert _bench.main(["--calibrate", "--dtype", "float64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = report["dtypes"]["float64"]
+    assert entry["before"]["source"] == "default" and "no calibration" in entry["before"]["note"]
+    assert entry["after"]["source"] == "probe" and calls == ["float64"]
+    assert _calibration.calibrate("float64").rates == fake  # now cached
+    assert _bench.main(["--calibrate", "--dtype", "float64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtypes"]["float64"]["before"]["source"] == "cache"

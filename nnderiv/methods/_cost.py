@@ -7,22 +7,19 @@ Every algorithm pushes a number of *columns* per point through each layer:
     nested   (1 + n) (1 + m)^(k-1)    (jacrev, then jacfwd k-1 times; no symmetry)
 
 for order ``k``. The analytic kernels skip the first layer's matmul (its Taylor
-coefficients are the weight's columns); nested AD does not. Per point, an algorithm with
-``P`` columns does ``2 P sum(in*out)`` matmul flops and touches ``P * sum(widths)``
-coefficient elements in its elementwise rules (``fwdrev`` twice: forward stacks and
-reverse products). The predicted time is
+coefficients are the weight's columns); nested AD does not. For a batch of ``B`` points
+the predicted time of an algorithm is physics, not a fit:
 
-    t = flops / R + E * c_elem + t_point,
+    t = B * sum_l 2 P in_l out_l / R(in_l)       matmuls at the rate of their depth
+      + B * passes * P * sum(hidden widths) * c   elementwise rules, in fused passes
+      + ops * t_op                                fixed cost of each op of the program
 
-with a matmul rate ``R``, a time per elementwise element ``c_elem`` and a fixed time
-per point ``t_point``, per algorithm and dtype. The constants below were fitted (least
-squares on relative error) to the 41-config float64 and float32 grids of
-``benchmarks/results/bench-cpu-2core-amd-epyc-2026-11-22.json``; the fit's geometric
-standard deviation is 1.3-1.5x, about the run-to-run noise of that machine. Only the
-*ratios* between algorithms decide anything, and those carry over between machines
-better than the absolute rates: on that grid the choice costs 1.4% over an oracle
-(geometric mean) and picks nested AD where it wins (one hidden layer of 16 units).
-The benchmark reports the predicted and measured times side by side.
+with the machine's rates ``R(depth)``, ``c`` and ``t_op`` measured where the code runs
+(``_calibration``: a sub-second probe, cached per machine; defaults if disabled) and
+constants that describe each algorithm's *code*, not the machine: ``passes``, the cost
+of its elementwise rules per coefficient element in units of one fused multiply-add
+pass, and ``ops``, its op count per layer. The benchmark (``nnderiv bench``) prints the
+predicted time next to the measured one for every config.
 """
 
 from __future__ import annotations
@@ -31,28 +28,37 @@ import dataclasses
 from collections.abc import Sequence
 from math import comb
 
+from . import _calibration
+
 ALGORITHMS = ("forward", "fwdrev", "nested")
+ANALYTIC = ("forward", "fwdrev")
 
 
-@dataclasses.dataclass(frozen=True)
-class Rates:
-    matmul_flops_per_s: float
-    elementwise_s: float  # per coefficient element touched
-    per_point_s: float
+# Elementwise cost per coefficient element, in fused multiply-add passes (constants of
+# the code, not of the machine; only ratios between algorithms matter): the order-k
+# forward rule reads about k operands per output coefficient, the Leibniz product of a
+# reverse sweep about 1 + k/2; nested AD's tangent products fuse into its matmuls' neighbours.
+def _rule_passes(order: int) -> float:
+    return 1.0 + 0.8 * max(order - 1, 0)
 
 
-_RATES = {
-    "float64": {
-        "nested": Rates(62.6e9, 0.328e-9, 0.005e-6),
-        "forward": Rates(86.1e9, 0.587e-9, 0.063e-6),
-        "fwdrev": Rates(92.3e9, 0.428e-9, 0.024e-6),
-    },
-    "float32": {
-        "nested": Rates(165e9, 0.262e-9, 0.013e-6),
-        "forward": Rates(207e9, 0.357e-9, 0.028e-6),
-        "fwdrev": Rates(205e9, 0.235e-9, 0.010e-6),
-    },
-}
+def _leibniz_passes(order: int) -> float:
+    return 1.0 + 0.5 * order
+
+
+_NESTED_PASSES = 0.3
+# The analytic kernels evaluate s, s', ..., s^(k) of every unit's activation: about as
+# much as this many passes per unit (tanh: 4 ns per unit against 0.5 ns for a pass).
+_ACTIVATION_PASSES = 8.0
+# These three constants were chosen on 16 configs of the three algorithms timed against
+# a probe of the same machine (m = 1..12, widths 16..128, n = 1..8, batch 64..8192):
+# auto's pick then ran 2% slower than the fastest (geometric mean), 1.3x at worst, and
+# the predicted ratios between algorithms were off by 16% (s.d.).
+_MATMUL_EFFICIENCY = {"forward": 1.0, "fwdrev": 1.0, "nested": 1.0}
+# XLA ops per affine layer in each algorithm's compiled program (counted in the
+# optimised HLO of a 3x64 tanh net): fixed costs a single point or a scan step pays.
+_OPS_PER_LAYER = {"forward": 4.0, "fwdrev": 8.0, "nested": 6.0}
+
 
 # A chunk's coefficient stack (chunk x K x width) is sized to a few MB: small enough to
 # stay in the last-level cache across a layer's matmul and elementwise pass, large enough
@@ -61,6 +67,25 @@ _RATES = {
 # spilled the cache; both were up to 2x slower than this.
 _CHUNK_BYTES = 4 << 20
 _MIN_CHUNK, _MAX_CHUNK = 16, 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one algorithm does for one point.
+
+    Attributes:
+      matmuls: ``((depth, flops), ...)``, one per layer it multiplies through.
+      elements: coefficient elements its elementwise rules touch.
+      ops: XLA ops of its program (paid once per call, not per point).
+    """
+
+    matmuls: tuple[tuple[int, float], ...]
+    elements: float
+    ops: float
+
+    @property
+    def flops(self) -> float:
+        return sum(f for _, f in self.matmuls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,40 +107,69 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
     raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
 
 
-def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int) -> dict[str, tuple[float, float]]:
-    """Per point and algorithm: (matmul flops, elementwise coefficient elements).
+def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int) -> dict[str, Work]:
+    """Per algorithm: its :class:`Work` for one point.
 
     ``layers`` lists the affine layers as (fan_in, fan_out), input layer first.
     """
-    all_layers = sum(i * o for i, o in layers)
-    after_first = sum(i * o for i, o in layers[1:])
     hidden = sum(o for _, o in layers[:-1])
+    order = max(order, 1)
+    inner = comb(m + order - 1, order - 1)  # fwdrev's forward columns
+    elements = {
+        "forward": (_rule_passes(order) * columns("forward", m, n, order) + _ACTIVATION_PASSES) * hidden,
+        # value and slope stacks to order - 1, then n adjoint sweeps multiplied by the slopes
+        "fwdrev": ((2 * _rule_passes(order - 1) + n * _leibniz_passes(order - 1)) * inner + _ACTIVATION_PASSES)
+        * hidden,
+        "nested": _NESTED_PASSES * columns("nested", m, n, order) * hidden,
+    }
     out = {}
-    for algorithm in ALGORITHMS:
-        p = columns(algorithm, m, n, order)
-        matmul = all_layers if algorithm == "nested" else after_first
-        elementwise = p * hidden * (2 if algorithm == "fwdrev" else 1)
-        out[algorithm] = (2.0 * p * matmul, float(elementwise))
+    for name in ALGORITHMS:
+        p = columns(name, m, n, order)
+        multiplied = layers if name == "nested" else layers[1:]  # kernels skip the first layer
+        # flops counted at the plain product's rate: divided by the algorithm's efficiency
+        flops = 2.0 * p / _MATMUL_EFFICIENCY[name]
+        matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
+        out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     return out
 
 
-def predicted_seconds(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, dtype) -> dict[str, float]:
-    """Predicted seconds per point of each algorithm (see the module docstring)."""
-    rates = _RATES["float32" if "32" in str(dtype) or "16" in str(dtype) else "float64"]
-    return {
-        algorithm: flops / rates[algorithm].matmul_flops_per_s
-        + elements * rates[algorithm].elementwise_s
-        + rates[algorithm].per_point_s
-        for algorithm, (flops, elements) in work(layers, m, n, order).items()
-    }
+def predicted_seconds(
+    layers: Sequence[tuple[int, int]],
+    m: int,
+    n: int,
+    order: int,
+    dtype,
+    batch: int = 1024,
+    rates: _calibration.Rates | None = None,
+) -> dict[str, float]:
+    """Predicted seconds *per point* of each algorithm on a batch of ``batch`` points.
+
+    ``rates``: the machine's (default: this machine's calibration, see ``_calibration``).
+    """
+    rates = rates or _calibration.current(dtype).rates
+    batch = max(int(batch), 1)
+    out = {}
+    for name, w in work(layers, m, n, order).items():
+        matmul_s = sum(flops / rates.matmul_rate(depth) for depth, flops in w.matmuls)
+        out[name] = matmul_s + w.elements * rates.elementwise_s + w.ops * rates.op_s / batch
+    return out
 
 
-def choose(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, dtype) -> str:
-    """The algorithm with the lowest predicted time: ``"forward"``, ``"fwdrev"`` or ``"nested"``."""
+def choose(
+    layers: Sequence[tuple[int, int]],
+    m: int,
+    n: int,
+    order: int,
+    dtype,
+    batch: int = 1024,
+    rates: _calibration.Rates | None = None,
+    among: Sequence[str] = ALGORITHMS,
+) -> str:
+    """The algorithm in ``among`` with the lowest predicted time (``"forward"`` at order 0)."""
     if order == 0:
         return "forward"  # a plain forward pass, whatever the method
-    costs = predicted_seconds(layers, m, n, order, dtype)
-    return min(costs, key=costs.get)
+    costs = predicted_seconds(layers, m, n, order, dtype, batch, rates)
+    return min(among, key=costs.__getitem__)
 
 
 def _layers_of(stages) -> list[tuple[int, int]]:
@@ -127,9 +181,9 @@ def _layers_of(stages) -> list[tuple[int, int]]:
 def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | None) -> Plan:
     """The kernel (``kernel``, or the cheaper analytic one) and its chunk size for ``batch`` points."""
     layers = _layers_of(stages)
-    costs = predicted_seconds(layers, m, n, order, dtype)
+    costs = predicted_seconds(layers, m, n, order, dtype, batch)
     if kernel is None:
-        kernel = min(("forward", "fwdrev"), key=costs.get)
+        kernel = min(ANALYTIC, key=costs.get)
     k = columns(kernel, m, n, order)
     widest = max([1] + [max(shape) for shape in layers])
     itemsize = 8 if "64" in str(dtype) else 4
