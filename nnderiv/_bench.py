@@ -1,6 +1,6 @@
 """Benchmark every nnderiv method against the nested-AD code users write today.
 
-One process, one run, three sections (see ``benchmarks/README.md`` for the columns):
+One process, one run, four sections (see ``benchmarks/README.md`` for the columns):
 
 ``grid``
     For a set of MLP configurations (input dim m, hidden width, depth, outputs n, batch,
@@ -14,6 +14,9 @@ One process, one run, three sections (see ``benchmarks/README.md`` for the colum
 ``scan``
     Per-step cost inside a jitted ``lax.scan`` simulation loop whose update consumes the
     value, Jacobian, Hessian and third tensor of the state.
+``models``
+    Models that are not plain MLPs (residual blocks, Fourier features, LayerNorm, a hard
+    output constraint): the analytic engine, ``auto`` and jet against nested AD.
 
 Run ``nnderiv bench --help`` (or ``python benchmarks/bench.py --help``, the same code);
 ``--quick`` is a < 1 minute smoke run. Importable: ``main(argv) -> exit status`` (0: every
@@ -783,6 +786,134 @@ def run_latency(cfg: Config, dtype: str, methods: list[str], opts: Options) -> d
     return entry
 
 
+class ResidualMLP(nn.Module):
+    """``x -> tanh(Dense(x))``, then ``h + tanh(Dense(h))`` blocks, then ``Dense(out)``."""
+
+    width: int
+    depth: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(self.width)(x))
+        for _ in range(self.depth - 1):
+            h = h + jnp.tanh(nn.Dense(self.width)(h))
+        return nn.Dense(self.out)(h)
+
+
+class FourierMLP(nn.Module):
+    """The PINN input layer: ``[sin(Bx), cos(Bx)]`` with a learned ``B``, then a tanh MLP."""
+
+    width: int
+    depth: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        proj = nn.Dense(self.width // 2, use_bias=False)(x)
+        h = jnp.concatenate([jnp.sin(proj), jnp.cos(proj)])
+        for _ in range(self.depth - 1):
+            h = jnp.tanh(nn.Dense(self.width)(h))
+        return nn.Dense(self.out)(h)
+
+
+class LayerNormMLP(nn.Module):
+    """``Dense -> LayerNorm -> tanh`` layers, then ``Dense(out)``."""
+
+    width: int
+    depth: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.depth):
+            x = jnp.tanh(nn.LayerNorm()(nn.Dense(self.width)(x)))
+        return nn.Dense(self.out)(x)
+
+
+class HardConstraintMLP(nn.Module):
+    """A hard boundary condition on the output: ``x0 (1 - x0) * mlp(x)`` (DeepXDE's output transform)."""
+
+    width: int
+    depth: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        return x[0] * (1.0 - x[0]) * BenchMLP((self.width,) * self.depth, "tanh", self.out)(x)
+
+
+#: Models that are not plain MLPs, which the analytic engine takes and the old kernels did not.
+MODEL_NETS = {
+    "residual": ResidualMLP,
+    "fourier": FourierMLP,
+    "layernorm": LayerNormMLP,
+    "hard-constraint": HardConstraintMLP,
+}
+MODEL_CONFIG = Config(3, 64, 3, 1, 1024, "tanh")
+QUICK_MODEL_CONFIG = Config(2, 16, 2, 1, 64, "tanh")
+MODEL_METHODS = ("analytic", "auto", "jet", "nested")
+
+
+def run_model(kind: str, cfg: Config, dtype: str, opts: Options) -> dict[str, Any]:
+    """One non-MLP model: the analytic engine, auto and jet against nested AD."""
+    import nnderiv
+
+    module = MODEL_NETS[kind](cfg.width, cfg.depth, cfg.n)
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), _variables(module, cfg.m, scale=1.0))
+    net = nnderiv.from_flax(module, variables)
+    x = make_points(cfg.m, cfg.batch, dtype)
+    if kind == "hard-constraint":
+        x = jnp.abs(x) / (1 + jnp.abs(x))  # inside the unit interval the constraint is built for
+    prepared = {method: (nnderiv.derivs_fn(net, 3, method), (x,)) for method in MODEL_METHODS}
+    timed = _time_all(prepared, opts.target_s, max_repeats=100)
+    ref_n = min(cfg.batch, opts.ref_points)
+    reference = timed[REFERENCE][1]
+    reference = None if reference is None else tuple(np.asarray(f[:ref_n], np.float64) for f in reference)
+    entry: dict[str, Any] = {"name": f"{kind}-{cfg.name}", "kind": kind, "dtype": dtype, **dataclasses.asdict(cfg)}
+    entry["auto_choice"] = auto_choice(net, cfg.m, dtype)
+    rows = {}
+    for method in MODEL_METHODS:
+        rec, out = timed[method]
+        if rec.get("status") == "ok":
+            rec["per_point_s"] = rec["median_s"] / cfg.batch
+        if out is not None and reference is not None:
+            dev = deviation(out, reference)
+            rec["max_rel_dev"] = max(dev.values())
+            rec["agree"] = bool(rec["max_rel_dev"] <= RTOL[dtype])
+        rows[method] = rec
+    entry["results"] = rows
+    nested_t = rows[REFERENCE].get("median_s")
+    for method in ("analytic", "auto"):
+        t = rows[method].get("median_s")
+        entry[f"{method}_speedup_over_nested"] = nested_t / t if t and nested_t else None
+    return entry
+
+
+def print_models(console, entries: list[dict], dtype: str, methods: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"models that are not plain MLPs, order 3, {dtype}: µs per point")
+    table.add_column("model", no_wrap=True)
+    table.add_column("auto →", no_wrap=True)
+    for m in MODEL_METHODS:
+        table.add_column(m, justify="right", no_wrap=True)
+    table.add_column("analytic vs nested", justify="right")
+    for e in entries:
+        speed = e.get("analytic_speedup_over_nested")
+        table.add_row(
+            e["name"],
+            e["auto_choice"] or "-",
+            *[_cell(e["results"].get(m)) for m in MODEL_METHODS],
+            f"{speed:.2f}" if speed else "-",
+        )
+    console.print(table)
+
+
+def _run_models(cfg: Config, dtype: str, methods: list[str], opts: Options) -> list[dict[str, Any]]:
+    return [run_model(kind, cfg, dtype, opts) for kind in MODEL_NETS]
+
+
 def run_scan(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict[str, Any]:
     """Per-step cost of a jitted ``lax.scan`` whose update uses all four outputs."""
     import nnderiv
@@ -955,6 +1086,11 @@ def summarize(report: dict) -> dict[str, Any]:
         lat = [e for e in report["latency"] if e["dtype"] == dtype]
         if lat and lat[0]["results"].get("auto", {}).get("ratio_to_forward"):
             s["latency_ratio"] = {"value": lat[0]["results"]["auto"]["ratio_to_forward"], "net": lat[0]["name"]}
+        models = [e for e in report.get("models", []) if e["dtype"] == dtype]
+        speedups = [e["analytic_speedup_over_nested"] for e in models if e.get("analytic_speedup_over_nested")]
+        if speedups:
+            worst = min(models, key=lambda e: e.get("analytic_speedup_over_nested") or math.inf)
+            s["min_model_speedup_over_nested"] = {"value": min(speedups), "config": worst["name"]}
         scan = [e for e in report["scan"] if e["dtype"] == dtype]
         if scan:
             s["scan_ratio_auto_to_nested"] = {"value": scan[0]["ratio_auto_to_nested"], "net": scan[0]["name"]}
@@ -972,8 +1108,8 @@ def summarize(report: dict) -> dict[str, Any]:
                 errors.append(f"{c['dtype']} {c['name']} {method}: {rec['error']}")
             if rec.get("status") == "skipped":
                 skipped.append(f"{c['dtype']} {c['name']} {method}")
-    for section in ("latency", "scan"):
-        for e in report[section]:
+    for section in ("latency", "scan", "models"):
+        for e in report.get(section, []):
             for method, rec in e["results"].items():
                 if rec.get("status") == "error":
                     errors.append(f"{section} {e['dtype']} {e['name']} {method}: {rec['error']}")
@@ -1148,6 +1284,7 @@ def print_summary(console, report: dict) -> None:
         ("latency: auto / forward (one point)", "latency_ratio"),
         ("scan: auto / nested per step", "scan_ratio_auto_to_nested"),
         ("scan: auto / baseline per step", "scan_ratio_auto_to_baseline"),
+        ("models: min analytic speedup over nested", "min_model_speedup_over_nested"),
     ]
     for label, key in rows:
         table.add_row(label, *[fmt(summary[d], key) for d in report["dtypes"]])
@@ -1202,7 +1339,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None, prog: str = "ben
     p.add_argument("--dtype", choices=("float64", "float32", "both"), default="both")
     p.add_argument("--filter", default=None, help="regex on grid config names, e.g. 'm16|b8192' or '^m3-w64x3'")
     p.add_argument(
-        "--sections", default="grid,latency,scan", help="comma-separated subset of grid,latency,scan (default all)"
+        "--sections",
+        default="grid,latency,scan,models",
+        help="comma-separated subset of grid,latency,scan,models (default all)",
     )
     p.add_argument("--methods", default=None, help="comma-separated nnderiv methods (default: all; auto always runs)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default ./bench-HOST-DATE.json)")
@@ -1281,7 +1420,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     started = time.perf_counter()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"grid", "latency", "scan"}
+    unknown = sections - {"grid", "latency", "scan", "models"}
     if unknown:
         raise SystemExit(f"unknown sections: {sorted(unknown)}")
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
@@ -1325,6 +1464,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir
         "grid": [],
         "latency": [],
         "scan": [],
+        "models": [],
         "complete": False,
     }
 
@@ -1375,11 +1515,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir
         single_point_sections = (
             ("latency", QUICK_LATENCY_NETS, LATENCY_NETS, run_latency, print_latency),
             ("scan", QUICK_SCAN_NETS, SCAN_NETS, run_scan, print_scan),
+            ("models", [QUICK_MODEL_CONFIG], [MODEL_CONFIG], _run_models, print_models),
         )
         for section, quick_nets, full_nets, run_one, print_section in single_point_sections:
             if section not in sections:
                 continue
             entries = [run_one(cfg, dtype, methods, opts) for cfg in (quick_nets if args.quick else full_nets)]
+            if section == "models":
+                entries = [e for group in entries for e in group]
             report[section] += entries
             checkpoint()
             print_section(console, entries, dtype, methods)
