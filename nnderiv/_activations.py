@@ -61,13 +61,25 @@ def _tanh(z):
 
 
 def _sigmoid_parts(z):
-    # sigma' = sigma(z) sigma(-z) and 1 - 2 sigma = -tanh(z/2) avoid cancellation.
-    sig = jax.nn.sigmoid(z)
-    d1 = sig * jax.nn.sigmoid(-z)
+    """``sigma(z)`` and its derivatives to order 3, ``tanh(z/2)`` and ``softplus(z)``.
+
+    From ``e = exp(-|z|)`` and ``tanh(z/2)`` (and ``log1p(e)`` for softplus; XLA drops
+    what a caller does not use): ``sigma(|z|) = 1 / (1 + e)``, ``sigma(-|z|) = e / (1 + e)``,
+    so ``sigma' = sigma(z) sigma(-z) = e / (1 + e)^2`` keeps its relative accuracy in the
+    tails, and ``1 - 2 sigma = -tanh(z/2)`` is never formed by cancellation. Two
+    transcendentals where two sigmoids and a tanh took three.
+    """
+    a = jnp.abs(z)
+    e = jnp.exp(-a)
+    inv = 1.0 / (1.0 + e)
+    positive = z >= 0
+    sig = jnp.where(positive, inv, e * inv)
+    d1 = e * inv * inv
     th = jnp.tanh(0.5 * z)
     d2 = -d1 * th
     d3 = d1 * (th * th - 2.0 * d1)
-    return sig, d1, d2, d3, th
+    softplus = jnp.maximum(z, 0.0) + jnp.log1p(e)
+    return sig, d1, d2, d3, th, softplus
 
 
 def _sigmoid(z):
@@ -75,12 +87,12 @@ def _sigmoid(z):
 
 
 def _softplus(z):
-    sig, d1, d2, _, _ = _sigmoid_parts(z)
-    return jax.nn.softplus(z), sig, d1, d2
+    sig, d1, d2, _, _, softplus = _sigmoid_parts(z)
+    return softplus, sig, d1, d2
 
 
 def _silu(z):
-    sig, d1, d2, d3, th = _sigmoid_parts(z)
+    sig, d1, d2, d3, _, _ = _sigmoid_parts(z)
     return z * sig, sig + z * d1, 2.0 * d1 + z * d2, 3.0 * d2 + z * d3
 
 
