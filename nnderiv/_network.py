@@ -39,7 +39,7 @@ _LIVE, _PARAM, _PURE = "live", "param", "pure"
 _ELEMENTWISE = frozenset(
     """neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh
     acosh atanh sqrt rsqrt cbrt abs sign floor ceil round erf erfc erf_inv lgamma digamma
-    integer_pow square reciprocal is_finite not convert_element_type copy copy_p
+    integer_pow square reciprocal is_finite not convert_element_type copy
     stop_gradient add sub mul div max min pow atan2 rem nextafter eq ne lt le gt ge and or
     select_n clamp""".split()
 )
@@ -431,8 +431,3 @@ def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
         else:
             out.append(_activations.generic(stage.function(env), "parametrised"))
     return out
-
-
-def output_dim(net: Network, m: int, dtype) -> int:
-    program = trace_program(net, m, dtype)
-    return int(np.prod(program.outputs[0].shape))

@@ -190,11 +190,11 @@ def test_not_an_mlp_is_a_value_error_naming_the_operation(model, where, method):
 def test_variables_that_do_not_fit_the_module():
     module = _models.CompactMLP((8, 8), ("tanh", "tanh"), 2)
     other = _models.CompactMLP((16,), ("tanh",), 2).init(jax.random.PRNGKey(0), jnp.ones(3))
-    with pytest.raises(ValueError, match=r"the variables do not fit the module CompactMLP: .*shape"):
+    with pytest.raises(ValueError, match=r"the variables do not fit the module MLP: .*shape"):
         nnderiv.from_flax(module, other)
     # With input_dim given nothing is traced at wrap time: the first call says it instead.
     net = nnderiv.from_flax(module, other, input_dim=3)
-    with pytest.raises(ValueError, match=r"the model CompactMLP could not be evaluated on one point of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"the model MLP could not be evaluated on one point of shape \(3,\)"):
         nnderiv.derivs_fn(net, batch_size=8)(jnp.ones((2, 3)))
     with pytest.raises(ValueError, match=r"no 'params' collection.*pass \{'params': params\}"):
         nnderiv.from_flax(module, other["params"])
