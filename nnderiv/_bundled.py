@@ -145,7 +145,7 @@ def bundled_network(dtype=None):
       >>> net.input_dim
       3
       >>> print(net.describe())
-      MLP (m=3)
+      MLP (m=3, parameters float64)
         affine 3 -> 32 + bias
         tanh (closed form)
         affine 32 -> 32 + bias

@@ -132,9 +132,13 @@ class Network:
             raise ValueError("describe() needs input_dim: the model's input size is not known")
         dtype = dtype or jnp.result_type(float)
         structure = mlp_structure(self, m, dtype)
+        # The parameters' dtype: float32 Flax weights (Flax's default param_dtype, even under
+        # x64) give float64 results for float64 inputs, computed from float32 values.
+        params = ", ".join(sorted({str(jnp.result_type(p)) for p in jax.tree_util.tree_leaves(self.params)}))
+        header = f"{self.spec.name} (m={m}, parameters {params or 'none'})"
         if isinstance(structure, str):
-            return f"{self.spec.name}: not an MLP ({structure})"
-        return "\n".join([f"{self.spec.name} (m={m})"] + [f"  {s.describe()}" for s in structure.stages])
+            return f"{header}: not an MLP ({structure})"
+        return "\n".join([header] + [f"  {s.describe()}" for s in structure.stages])
 
     def __repr__(self) -> str:
         return f"Network({self.spec.name}, input_dim={self.input_dim})"

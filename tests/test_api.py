@@ -253,6 +253,24 @@ def test_network_call_and_describe(case, net):
     np.testing.assert_allclose(net(x), case.module.apply(case.variables, x), rtol=1e-14)
     text = net.describe()
     assert "affine 3 -> 8" in text and "tanh (closed form)" in text
+    assert text.splitlines()[0] == "MLP (m=3, parameters float64)"
+
+
+def test_describe_names_float32_weights_under_x64():
+    """Flax creates float32 parameters even under x64: describe() says so, and what that means holds:
+    float64 inputs give float64 results, exact for the float32 weights (not for float64 ones)."""
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(1)])
+    variables = model.init(jax.random.PRNGKey(0), jnp.ones(2))  # float32: Flax's default param_dtype
+    net = nnderiv.from_flax(model, variables)
+    assert net.describe().splitlines()[0] == "Sequential (m=2, parameters float32)"
+    x = _models.points(2, (3,))
+    d = nnderiv.derivatives(net, x)
+    assert d.third.dtype == jnp.float64
+    # The same weights held in float64 give the same derivatives to float64 rounding.
+    widened = nnderiv.from_flax(model, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables))
+    assert_derivatives_close(d, nnderiv.derivatives(widened, x), label="float32 weights in float64")
 
 
 @pytest.mark.parametrize("method", ["forward", "fwdrev", "jet", "nested"])
