@@ -6,7 +6,7 @@ molecule in three dimensionless internal coordinates ``q = (q1, q2, q3)`` on
 ``V`` (Morse stretches, cosine bend, stretch-stretch and stretch-bend couplings) and the
 dipole moment ``mu`` (a bond-dipole model). So m = 3 inputs, n = 2 outputs.
 
-The architecture is :class:`nnderiv._bundled.BundledMLP`: ``3 -> 32 -> 32 -> 2`` with
+The architecture is an :class:`nnderiv.MLP`: ``3 -> 32 -> 32 -> 2`` with
 ``tanh``, fitted in float64 with Adam (cosine-decayed learning rate, full batch) to the
 mean squared error, each output scaled by its spread, on 4096 uniformly drawn points; a fixed seed makes the run
 deterministic on a given platform. It takes about 10 s on a 2-core CPU.
@@ -16,15 +16,14 @@ Usage::
     python examples/train_bundled.py                    # writes nnderiv/data/bundled_mlp.*
     python examples/train_bundled.py --steps 500 --out-dir /tmp/bundled   # a quick try
 
-The parameters are written with ``flax.serialization.to_bytes`` (msgpack), next to a JSON
-file with the architecture and training metadata that :func:`nnderiv._bundled.load_bundled`
-reads.
+The parameters are written with :func:`nnderiv.save_checkpoint` (a ``flax.serialization``
+msgpack file), next to a JSON file with the architecture and training metadata that
+:func:`nnderiv.load_bundled` reads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -35,16 +34,15 @@ jax.config.update("jax_enable_x64", True)
 import flax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from flax import serialization  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
+import nnderiv  # noqa: E402
 from nnderiv._bundled import (  # noqa: E402
     DOMAIN,
     INPUT_NAMES,
     OUTPUT_NAMES,
     TARGET_NAME,
-    BundledMLP,
     bundled_target,
 )
 
@@ -74,7 +72,7 @@ def main(argv=None) -> None:
     x_test = jax.random.uniform(key_test, (4096, input_dim), jnp.float64, lo, hi)
     y_test = bundled_target(x_test)
 
-    model = BundledMLP(widths=widths, output_dim=output_dim, activation=activation)
+    model = nnderiv.MLP(widths=widths, output_dim=output_dim, activation=activation)
     variables = model.init(key_init, jnp.zeros(input_dim, jnp.float64))
     # flax.linen.Dense creates float32 parameters by default (param_dtype): train in float64.
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables["params"])
@@ -96,7 +94,7 @@ def main(argv=None) -> None:
         return optax.apply_updates(params, updates), opt_state, loss
 
     console.print(
-        f"[bold]Training[/bold] BundledMLP {input_dim} -> {' -> '.join(map(str, widths))} -> {output_dim} "
+        f"[bold]Training[/bold] MLP {input_dim} -> {' -> '.join(map(str, widths))} -> {output_dim} "
         f"({activation}) on {TARGET_NAME}: {args.num_train} points, {args.steps} Adam steps, seed {args.seed}"
     )
     start = time.perf_counter()
@@ -125,12 +123,8 @@ def main(argv=None) -> None:
     test_loss = float(loss_fn(params, x_test, y_test))
     test_max = jnp.max(jnp.abs(model.apply(variables, x_test) - y_test), axis=0)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    data = serialization.to_bytes(variables)
-    params_path = args.out_dir / "bundled_mlp.msgpack"
-    params_path.write_bytes(data)
     meta = {
-        "format": "flax.serialization msgpack of {'params': ...} for nnderiv._bundled.BundledMLP",
+        "format": "flax.serialization msgpack of {'params': ...} for nnderiv.MLP (see nnderiv.module_from_metadata)",
         "input_dim": input_dim,
         "output_dim": output_dim,
         "widths": list(widths),
@@ -153,14 +147,18 @@ def main(argv=None) -> None:
         "num_params": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
     }
-    meta_path = args.out_dir / "bundled_mlp.json"
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    # A checkpoint like any user's: the parameters, and the metadata (architecture in the
+    # schema of nnderiv.module_from_metadata) beside them as bundled_mlp.json.
+    params_path = nnderiv.save_checkpoint(
+        args.out_dir / "bundled_mlp.msgpack", variables, metadata=meta, overwrite=True
+    )
+    meta_path = nnderiv.metadata_path(params_path)
 
     console.print(
         f"done in {elapsed:.1f} s: train loss {final_loss:.3e}, test loss {test_loss:.3e}, "
         f"test max |error| V {float(test_max[0]):.2e}, mu {float(test_max[1]):.2e}"
     )
-    console.print(f"wrote {params_path} ({len(data) / 1024:.1f} KiB) and {meta_path}")
+    console.print(f"wrote {params_path} ({params_path.stat().st_size / 1024:.1f} KiB) and {meta_path}")
 
 
 if __name__ == "__main__":

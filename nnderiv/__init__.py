@@ -23,10 +23,13 @@ from ._checkpoint import checkpoint_metadata as checkpoint_metadata
 from ._checkpoint import from_checkpoint as from_checkpoint
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import metadata_path as metadata_path
+from ._checkpoint import module_from_metadata as module_from_metadata
 from ._checkpoint import save_checkpoint as save_checkpoint
 from ._derivatives import Derivatives as Derivatives
 from ._flax import from_flax as from_flax
 from ._flax import from_function as from_function
+from ._mlp import ACTIVATION_FUNCTIONS as MLP_ACTIVATIONS
+from ._mlp import MLP as MLP
 from ._network import Network as Network
 from ._network import NotAnMLPError as NotAnMLPError
 from ._symmetric import sorted_tuples as packed_indices
@@ -40,6 +43,8 @@ except PackageNotFoundError:  # running from a source tree
 __all__ = [
     "ACTIVATIONS",
     "METHODS",
+    "MLP",
+    "MLP_ACTIVATIONS",
     "ORDERS",
     "Derivatives",
     "DerivsFn",
@@ -56,6 +61,7 @@ __all__ = [
     "load_bundled",
     "load_checkpoint",
     "metadata_path",
+    "module_from_metadata",
     "packed_indices",
     "save_checkpoint",
     "sharded_derivs_fn",

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from . import _batching, _network
 from ._derivatives import Derivatives, expand_fields
+from ._shapes import Points
 from .methods import METHODS
 
 ORDERS = (0, 1, 2, 3)
@@ -87,7 +88,9 @@ def _check_output(net: _network.Network, m: int, dtype):
     return out.dtype
 
 
-def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto", layout: str = "full") -> Derivatives:
+def derivatives(
+    net: _network.Network, x: Points, order: int = 3, method: str = "auto", layout: str = "full"
+) -> Derivatives:
     r"""Value and all input derivatives of ``net`` up to ``order`` at the points ``x``.
 
     For ``f: R^m -> R^n``:
@@ -109,15 +112,16 @@ def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto", 
 
     Args:
       net: a :class:`Network` from :func:`from_flax` or :func:`from_function`.
-      x: shape ``(m,)`` or ``(*batch, m)``; integer inputs are promoted to the default
-        float type, float16 and bfloat16 to float32 (their 3 significant digits leave no
+      x: shape ``(m,)`` or ``(*batch, m)`` (``Real[ArrayLike, "*batch m"]``; nested
+        lists are converted too); integer inputs are promoted to the default float
+        type, float16 and bfloat16 to float32 (their 3 significant digits leave no
         correct digit in a third derivative); complex and boolean inputs are rejected.
-      order: highest order, 0 to 3.
+      order: highest order, 0 to 3 (default 3: value, Jacobian, Hessian, third tensor).
       method: ``"analytic"`` (the hand-written kernels on packed Taylor coefficients,
         MLPs only: ``"forward"`` or ``"fwdrev"``, whichever the cost model predicts to be
         faster; both names can be asked for directly), ``"jet"``
         (``jax.experimental.jet``), ``"nested"`` (nested ``jacfwd``/``jacrev``) or
-        ``"auto"`` (the fastest that applies).
+        ``"auto"`` (default: the fastest that applies).
       layout: ``"full"`` (default) or ``"packed"``: the Hessian and third tensor hold
         only their unique entries, shapes ``(*batch, n, C(m+1,2))`` and
         ``(*batch, n, C(m+2,3))``, in the order of :func:`nnderiv.packed_indices`
@@ -126,7 +130,8 @@ def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto", 
 
     Returns:
       :class:`Derivatives` with fields of shapes ``(*batch, n)``, ``(*batch, n, m)``,
-      ``(*batch, n, m, m)``, ``(*batch, n, m, m, m)``; fields above ``order`` are None.
+      ``(*batch, n, m, m)``, ``(*batch, n, m, m, m)`` (``Float[Array, "*batch n m m m"]``
+      and so on: :mod:`nnderiv._shapes`); fields above ``order`` are None.
 
     Example:
       >>> import jax.numpy as jnp, nnderiv
@@ -218,7 +223,7 @@ class DerivsFn:
             # new total size compiles nothing new and only one chunk's work is in memory.
             self._runner = _batching.ChunkedRunner(jax.jit(functools.partial(chunk_impl, net)), batch_size)
 
-    def __call__(self, x) -> Derivatives:
+    def __call__(self, x: Points) -> Derivatives:
         if isinstance(x, jax.core.Tracer):  # inside the caller's jit/vmap: validated while tracing
             return self._jitted(x) if self._bake else self._jitted(self.net, x)
         if self._runner is not None:

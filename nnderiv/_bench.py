@@ -48,6 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _tolerance
+from ._mlp import ACTIVATION_FUNCTIONS
+
 ROOT = Path(__file__).resolve().parents[1]  # the source tree, when run from one (git info)
 
 SCHEMA = "nnderiv-bench/1"
@@ -59,18 +62,11 @@ FORWARD_PASS = "forward_pass"  # the plain jitted forward pass of the latency se
 COMPETITORS = ("nested", "jet", BASELINE)
 DTYPES = ("float64", "float32")
 
-#: Benchmark activation name -> the function, as users write it in a Flax model.
-#: ``gelu`` is ``flax.linen.gelu`` (the tanh approximation, Flax's default).
-ACTIVATIONS = {"tanh": nn.tanh, "softplus": jax.nn.softplus, "silu": nn.silu, "gelu": nn.gelu}
+#: Benchmark activation names, from the package's one table (``gelu``: Flax's default, the tanh form).
+ACTIVATIONS = {name: ACTIVATION_FUNCTIONS[name] for name in ("tanh", "softplus", "silu", "gelu")}
 
-# Agreement with nested AD, max |method - nested| / max |nested| per field. All methods
-# compute the same exact derivatives and differ only in rounding: observed up to 2e-12 in
-# float64 and ~1e-6 in float32, up to 4e-4 for the third tensor of gelu nets in float32
-# (there every method, the plain baseline included, differs from nested by about as much:
-# it is the float32 rounding of the reference itself). The tolerances sit an order of
-# magnitude or more above that and far below any real error (a wrong coefficient or
-# index is O(1)).
-RTOL = {"float64": 1e-9, "float32": 5e-3}
+# Agreement with nested AD: the package's one metric and tolerance table (by dtype and order).
+RTOL = _tolerance.RTOL
 
 # Crude cost model, used only to decide whether a call needs a probe before running it
 # (see run_config): seconds per (pass x forward flop) on a 2-core CPU, from measurements.
@@ -477,11 +473,7 @@ def deviation(got, ref) -> dict[str, float]:
     for i, name in enumerate(FIELDS):
         r = np.asarray(ref[i], np.float64)
         g = np.asarray(got[i], np.float64)[: r.shape[0]]
-        if g.shape != r.shape:
-            out[name] = math.inf
-            continue
-        scale = max(float(np.max(np.abs(r), initial=0.0)), 1e-300)
-        out[name] = float(np.max(np.abs(g - r), initial=0.0)) / scale
+        out[name] = _tolerance.relative_error(g, r)
     return out
 
 
@@ -615,7 +607,7 @@ def run_config(cfg: Config, group: str, dtype: str, methods: list[str], gemm: di
                     "per_field": dev,
                     "max_rel_dev": max(dev.values()),
                     "third_rel_dev": dev["third"],
-                    "agree": bool(max(dev.values()) <= RTOL[dtype]),
+                    "agree": _tolerance.agrees(dev, dtype),
                 }
             else:
                 checks[method] = {"agree": None}
@@ -780,7 +772,7 @@ def run_latency(cfg: Config, dtype: str, methods: list[str], opts: Options) -> d
         if out is not None and reference is not None:
             dev = deviation(tuple(np.asarray(f)[None] for f in out), reference)
             rec["max_rel_dev"] = max(dev.values())
-            rec["agree"] = bool(rec["max_rel_dev"] <= RTOL[dtype])
+            rec["agree"] = _tolerance.agrees(dev, dtype)
         rows[method] = rec
     entry["results"] = rows
     return entry
@@ -957,7 +949,7 @@ def run_scan(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict
     ref = finals.get(REFERENCE)
     for method, final in finals.items():
         if ref is not None:
-            rows[method]["final_state_rel_dev"] = float(np.max(np.abs(final - ref)) / max(np.max(np.abs(ref)), 1e-300))
+            rows[method]["final_state_rel_dev"] = _tolerance.relative_error(final, ref)
     auto, nested, base = (rows.get(k, {}).get("per_step_s") for k in ("auto", REFERENCE, BASELINE))
     entry["results"] = rows
     entry["ratio_auto_to_nested"] = auto / nested if auto and nested else None

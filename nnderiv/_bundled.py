@@ -1,6 +1,6 @@
 r"""A small trained MLP shipped with the package, and the function it was trained on.
 
-The model, :class:`BundledMLP` (``3 -> 32 -> 32 -> 2``, ``tanh``), was fitted by
+The model, an :class:`nnderiv.MLP` (``3 -> 32 -> 32 -> 2``, ``tanh``), was fitted by
 ``examples/train_bundled.py`` to :func:`bundled_target`, a smooth model of a bent
 triatomic (water-like) molecule in three dimensionless internal coordinates
 ``q = (q1, q2, q3)`` on ``[-1, 1]^3`` (``q1``, ``q2``: the two bond stretches, ``q3``:
@@ -24,9 +24,12 @@ Both are analytic, so the network's derivatives can be compared with the exact o
 (the forces are ``-dV/dq``, the Hessian gives harmonic frequencies, the third
 derivatives the cubic anharmonic force constants).
 
-The parameters live in ``nnderiv/data/bundled_mlp.msgpack`` (``flax.serialization``)
-with the architecture in ``nnderiv/data/bundled_mlp.json``; both are read with
-:mod:`importlib.resources`, so they work from an installed wheel.
+The model is a checkpoint like any user's: the parameters in
+``nnderiv/data/bundled_mlp.msgpack`` (``flax.serialization``), its metadata (the
+architecture, in the schema of :mod:`nnderiv._checkpoint`, and how it was trained) in
+``nnderiv/data/bundled_mlp.json`` beside it. It is loaded with
+:func:`nnderiv.module_from_metadata` and :func:`nnderiv.load_checkpoint`, found with
+:mod:`importlib.resources`, so it works from an installed wheel.
 
 Example:
   >>> import jax.numpy as jnp, nnderiv
@@ -44,28 +47,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ._checkpoint import load_checkpoint, module_from_metadata
+from ._mlp import MLP
 
 DATA_PACKAGE = "nnderiv"
 PARAMS_FILE = "data/bundled_mlp.msgpack"
 METADATA_FILE = "data/bundled_mlp.json"
-
-#: Activations :class:`BundledMLP` can be built with (by name, as stored in the JSON).
-ACTIVATION_FUNCTIONS = {
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "softplus": jax.nn.softplus,
-    "silu": jax.nn.silu,
-    "gelu": jax.nn.gelu,
-    "sin": jnp.sin,
-}
 
 # The target's constants (dimensionless).
 MORSE_DEPTH = 1.0  # D
@@ -80,25 +73,6 @@ TARGET_NAME = "triatomic_pes_dipole"
 INPUT_NAMES = ("q1 (stretch)", "q2 (stretch)", "q3 (bend)")
 OUTPUT_NAMES = ("V (potential energy)", "mu (dipole moment)")
 DOMAIN = (-1.0, 1.0)
-
-
-class BundledMLP(nn.Module):
-    """A plain MLP: ``Dense -> activation`` per hidden width, then a linear ``Dense(output_dim)``.
-
-    Maps one point ``(input_dim,)`` (or a batch ``(*batch, input_dim)``) to
-    ``(output_dim,)`` (or ``(*batch, output_dim)``).
-    """
-
-    widths: Sequence[int] = (32, 32)
-    output_dim: int = 2
-    activation: str = "tanh"
-
-    @nn.compact
-    def __call__(self, x):
-        act = ACTIVATION_FUNCTIONS[self.activation]
-        for width in self.widths:
-            x = act(nn.Dense(width)(x))
-        return nn.Dense(self.output_dim)(x)
 
 
 def bundled_target(x) -> jax.Array:
@@ -138,35 +112,7 @@ def bundled_metadata() -> dict[str, Any]:
     return json.loads(text)
 
 
-def module_from_metadata(meta: dict[str, Any]) -> BundledMLP:
-    """The :class:`BundledMLP` described by a metadata dict (as in ``bundled_mlp.json``)."""
-    activation = meta.get("activation", "tanh")
-    if activation not in ACTIVATION_FUNCTIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATION_FUNCTIONS)}")
-    return BundledMLP(
-        widths=tuple(int(w) for w in meta["widths"]), output_dim=int(meta["output_dim"]), activation=activation
-    )
-
-
-def restore_variables(module: BundledMLP, input_dim: int, data: bytes, dtype=None) -> dict:
-    """Read ``flax.serialization`` msgpack bytes into variables for ``module``.
-
-    The stored tree is checked against ``module``'s own parameter shapes, and every leaf
-    is cast to ``dtype`` (default: JAX's default float, ``float64`` when x64 is enabled).
-    """
-    from flax import serialization
-
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-    stored = serialization.msgpack_restore(data)
-    expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((input_dim,), dtype))
-    expected = jax.tree_util.tree_map(lambda s: s.shape, expected)
-    got = jax.tree_util.tree_map(np.shape, stored)
-    if got != expected:
-        raise ValueError(f"the stored parameters do not fit {module}: expected shapes {expected}, got {got}")
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=dtype), stored)
-
-
-def load_bundled(dtype=None) -> tuple[BundledMLP, dict]:
+def load_bundled(dtype=None) -> tuple[MLP, dict]:
     """The bundled Flax module and its trained variables ``{"params": ...}``.
 
     Args:
@@ -184,8 +130,9 @@ def load_bundled(dtype=None) -> tuple[BundledMLP, dict]:
     """
     meta = bundled_metadata()
     module = module_from_metadata(meta)
-    data = resources.files(DATA_PACKAGE).joinpath(PARAMS_FILE).read_bytes()
-    return module, restore_variables(module, int(meta["input_dim"]), data, dtype)
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    with resources.as_file(resources.files(DATA_PACKAGE).joinpath(PARAMS_FILE)) as path:
+        return module, load_checkpoint(path, module, input_dim=int(meta["input_dim"]), dtype=dtype)
 
 
 def bundled_network(dtype=None):
@@ -198,7 +145,7 @@ def bundled_network(dtype=None):
       >>> net.input_dim
       3
       >>> print(net.describe())
-      BundledMLP (m=3)
+      MLP (m=3, parameters float64)
         affine 3 -> 32 + bias
         tanh (closed form)
         affine 32 -> 32 + bias
@@ -208,4 +155,4 @@ def bundled_network(dtype=None):
     from ._flax import from_flax
 
     module, variables = load_bundled(dtype)
-    return from_flax(module, variables, input_dim=int(variables["params"]["Dense_0"]["kernel"].shape[0]))
+    return from_flax(module, variables, input_dim=int(bundled_metadata()["input_dim"]))

@@ -12,6 +12,22 @@ JSON *beside* the checkpoint, at :func:`metadata_path`: ``model.msgpack`` ->
 ``model.json``, directory ``ckpt`` -> ``ckpt.json``; it is plain text, readable
 without orbax, and ``nnderiv check`` reads the domain and architecture from it.
 
+The metadata schema: any JSON object; these keys have a meaning for nnderiv (all optional):
+
+``"input_dim"`` (int)
+    the number of inputs ``m``: the size :func:`load_checkpoint` builds a linen
+    module's template with when no ``input_dim`` is passed.
+``"widths"`` (list of int), ``"output_dim"`` (int), ``"activation"`` (a name, or one
+name per hidden layer, of :data:`nnderiv.MLP_ACTIVATIONS`; default ``"tanh"``)
+    the architecture of a plain MLP, ``Dense -> activation`` per width then a linear
+    ``Dense(output_dim)``: :func:`module_from_metadata` builds it as an
+    :class:`nnderiv.MLP`, so ``nnderiv check --checkpoint PATH`` needs no ``--module``.
+    Any ``@nn.compact`` loop over ``nn.Dense`` has the same parameter tree, so a
+    checkpoint of such a model loads into it. ``"architecture": "mlp"`` may name the
+    kind; no other kind is known.
+``"domain"`` (``[lo, hi]``, or one ``[lo, hi]`` per input)
+    where ``nnderiv check`` draws its points (else from a standard normal).
+
 Loading restores against the module itself: the parameter tree and every shape come
 from ``module.init`` (linen, evaluated abstractly with :func:`jax.eval_shape`, so no
 parameters are drawn) or from the nnx module's own state. A checkpoint that does not fit
@@ -65,6 +81,62 @@ def metadata_path(path: str | os.PathLike) -> Path:
     if path.suffix == MSGPACK_SUFFIX:
         return path.with_suffix(".json")
     return path.with_name(path.name + ".json")
+
+
+#: The metadata keys :func:`module_from_metadata` reads (see the module docstring).
+ARCHITECTURE_KEYS = ("widths", "output_dim", "activation")
+
+
+def module_from_metadata(metadata: Mapping[str, Any]):
+    """The :class:`nnderiv.MLP` a checkpoint's metadata describes (the schema in this module's docstring).
+
+    Raises:
+      ValueError: the metadata holds no architecture (no ``widths`` and ``output_dim``),
+        or one that is not valid; the message names the key.
+
+    Example:
+      >>> import nnderiv
+      >>> nnderiv.module_from_metadata({"widths": [16, 16], "output_dim": 1, "activation": "softplus"})
+      MLP(
+          # attributes
+          widths = (16, 16)
+          output_dim = 1
+          activation = 'softplus'
+      )
+    """
+    from ._mlp import MLP, activation_function
+
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"the metadata must be a JSON object, got {type(metadata).__name__}")
+    kind = metadata.get("architecture", "mlp")
+    if kind != "mlp":
+        raise ValueError(f"unknown architecture {kind!r} in the metadata; the only one known is 'mlp'")
+    missing = [k for k in ("widths", "output_dim") if k not in metadata]
+    if missing:
+        raise ValueError(
+            f"the metadata describes no architecture: no {' or '.join(repr(k) for k in missing)} "
+            f"(an MLP needs widths, output_dim and optionally activation)"
+        )
+    widths, output_dim = metadata["widths"], metadata["output_dim"]
+    if not isinstance(widths, list | tuple) or not all(_positive(w) for w in widths):
+        raise ValueError(f"'widths' must be a list of positive integers, got {widths!r}")
+    if not _positive(output_dim):
+        raise ValueError(f"'output_dim' must be a positive integer, got {output_dim!r}")
+    activation = metadata.get("activation", "tanh")
+    names = [activation] if isinstance(activation, str) else activation
+    if not isinstance(names, list | tuple) or (not isinstance(activation, str) and len(names) != len(widths)):
+        raise ValueError(f"'activation' must be a name or one name per width ({len(widths)}), got {activation!r}")
+    for name in names:
+        activation_function(name)  # raises ValueError naming the known ones
+    return MLP(
+        widths=tuple(int(w) for w in widths),
+        output_dim=int(output_dim),
+        activation=activation if isinstance(activation, str) else tuple(activation),
+    )
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
 
 
 def save_checkpoint(

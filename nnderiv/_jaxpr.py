@@ -165,10 +165,6 @@ def evaluate(program: FlatProgram, args: Sequence[Any], env: dict | None = None)
     return [read(o) for o in program.outputs]
 
 
-def as_function(program: FlatProgram) -> Callable[..., list[Any]]:
-    return lambda *args: evaluate(program, args)
-
-
 def trace_flat(fn: Callable, *example_args) -> FlatProgram:
     """Trace ``fn`` at the shapes of ``example_args`` and flatten the result."""
     return flatten_jaxpr(jax.make_jaxpr(fn)(*example_args))

@@ -39,7 +39,7 @@ _LIVE, _PARAM, _PURE = "live", "param", "pure"
 _ELEMENTWISE = frozenset(
     """neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh
     acosh atanh sqrt rsqrt cbrt abs sign floor ceil round erf erfc erf_inv lgamma digamma
-    integer_pow square reciprocal is_finite not convert_element_type copy copy_p
+    integer_pow square reciprocal is_finite not convert_element_type copy
     stop_gradient add sub mul div max min pow atan2 rem nextafter eq ne lt le gt ge and or
     select_n clamp""".split()
 )
@@ -132,9 +132,13 @@ class Network:
             raise ValueError("describe() needs input_dim: the model's input size is not known")
         dtype = dtype or jnp.result_type(float)
         structure = mlp_structure(self, m, dtype)
+        # The parameters' dtype: float32 Flax weights (Flax's default param_dtype, even under
+        # x64) give float64 results for float64 inputs, computed from float32 values.
+        params = ", ".join(sorted({str(jnp.result_type(p)) for p in jax.tree_util.tree_leaves(self.params)}))
+        header = f"{self.spec.name} (m={m}, parameters {params or 'none'})"
         if isinstance(structure, str):
-            return f"{self.spec.name}: not an MLP ({structure})"
-        return "\n".join([f"{self.spec.name} (m={m})"] + [f"  {s.describe()}" for s in structure.stages])
+            return f"{header}: not an MLP ({structure})"
+        return "\n".join([header] + [f"  {s.describe()}" for s in structure.stages])
 
     def __repr__(self) -> str:
         return f"Network({self.spec.name}, input_dim={self.input_dim})"
@@ -431,8 +435,3 @@ def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
         else:
             out.append(_activations.generic(stage.function(env), "parametrised"))
     return out
-
-
-def output_dim(net: Network, m: int, dtype) -> int:
-    program = trace_program(net, m, dtype)
-    return int(np.prod(program.outputs[0].shape))

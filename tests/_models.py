@@ -16,23 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-#: The activation names used in tests, with the JAX function a user would write.
-JAX_ACTIVATIONS = {
-    "tanh": nn.tanh,
-    "sigmoid": nn.sigmoid,
-    "softplus": jax.nn.softplus,
-    "silu": nn.silu,
-    "gelu_tanh": nn.gelu,
-    "gelu_erf": lambda z: nn.gelu(z, approximate=False),
-    "sin": jnp.sin,
-    "cos": jnp.cos,
-    "exp": jnp.exp,
-    "identity": lambda z: z,
-    "relu": nn.relu,
-    "leaky_relu": nn.leaky_relu,
-    "elu": nn.elu,
-    "softsign": nn.soft_sign,
-}
+import nnderiv
+from nnderiv._mlp import ALIASES
+
+#: The activation names used in tests, with the JAX function a user would write: the
+#: package's one table (``nnderiv.MLP_ACTIVATIONS``), without its alias "gelu" (= "gelu_tanh").
+JAX_ACTIVATIONS = {k: v for k, v in nnderiv.MLP_ACTIVATIONS.items() if k not in ALIASES}
 SMOOTH = ["tanh", "sigmoid", "softplus", "silu", "gelu_tanh", "gelu_erf", "sin", "cos", "exp"]
 
 
@@ -48,25 +37,14 @@ class Case:
     n: int
 
     def net(self):
-        import nnderiv
-
         if self.variables is None:
             return nnderiv.from_flax(self.module)
         return nnderiv.from_flax(self.module, self.variables)
 
 
-class CompactMLP(nn.Module):
-    """A user-style MLP: an ``@nn.compact`` loop over ``nn.Dense``."""
-
-    widths: Sequence[int]
-    activations: Sequence[str]
-    out: int
-
-    @nn.compact
-    def __call__(self, x):
-        for width, act in zip(self.widths, self.activations):
-            x = JAX_ACTIVATIONS[act](nn.Dense(width)(x))
-        return nn.Dense(self.out)(x)
+def CompactMLP(widths: Sequence[int], activations: Sequence[str], out: int) -> nnderiv.MLP:
+    """A user-style MLP, an ``@nn.compact`` loop over ``nn.Dense``: the package's :class:`nnderiv.MLP`."""
+    return nnderiv.MLP(widths=tuple(widths), output_dim=int(out), activation=tuple(activations))
 
 
 def _scale_params(params, key, scale):
@@ -166,6 +144,6 @@ def points(m: int, batch: tuple = (5,), seed: int = 7, scale: float = 1.0) -> ja
     return scale * jax.random.normal(jax.random.PRNGKey(seed), (*batch, m), jnp.float64)
 
 
-def checkpoint_mlp(widths: Sequence[int] = (16, 16), activation: str = "tanh", out: int = 1) -> CompactMLP:
+def checkpoint_mlp(widths: Sequence[int] = (16, 16), activation: str = "tanh", out: int = 1) -> nnderiv.MLP:
     """A ``CompactMLP`` from JSON-friendly arguments: the factory ``nnderiv check --module`` is tested with."""
     return CompactMLP(tuple(int(w) for w in widths), (activation,) * len(widths), int(out))

@@ -137,22 +137,50 @@ def test_inside_user_jit_vmap_and_scan(net, method):
     np.testing.assert_allclose(total, expected.third.sum(), rtol=1e-12)
 
 
-def test_jitted_derivs_inside_simulation_loop(net):
-    """The intended use: a jitted derivs called from jitted simulation code."""
+def _plain_derivatives(case, x):
+    """Value, Jacobian, Hessian and third tensor at one point by plain nested JAX AD of the Flax model.
+
+    Written without nnderiv: the reference the loop tests below compare with.
+    """
+
+    def f(variables, u):
+        return case.module.apply(variables, u)
+
+    def f_of_x(u):
+        return f(case.variables, u)
+
+    return (
+        f_of_x(x),
+        jax.jacfwd(f_of_x)(x),
+        jax.jacfwd(jax.jacfwd(f_of_x))(x),
+        jax.jacfwd(jax.jacfwd(jax.jacrev(f_of_x)))(x),
+    )
+
+
+def test_jitted_derivs_inside_simulation_loop(case, net):
+    """The intended use: a jitted derivs called from jitted simulation code gives the plain-AD trajectory."""
     derivs = nnderiv.derivs_fn(net, order=3)
 
-    @jax.jit
-    def simulate(x0):
-        def step(x, _):
-            d = derivs(x)
-            # A damped Newton-like step that touches all four outputs.
-            update = d.value[0] * d.jacobian[0] + 1e-3 * d.hessian[0].sum(-1) + 1e-4 * d.third[0].sum((-1, -2))
-            return x - 0.01 * update, d.value[0]
+    def simulate(point_derivs):
+        @jax.jit
+        def run(x0):
+            def step(x, _):
+                value, jac, hess, third = point_derivs(x)
+                # A damped Newton-like step that touches all four outputs.
+                update = value[0] * jac[0] + 1e-3 * hess[0].sum(-1) + 1e-4 * third[0].sum((-1, -2))
+                return x - 0.01 * update, value[0]
 
-        return jax.lax.scan(step, x0, None, length=20)
+            return jax.lax.scan(step, x0, None, length=20)
 
-    x_final, values = simulate(jnp.array([0.3, -0.2, 0.5]))
-    assert values.shape == (20,) and bool(jnp.all(jnp.isfinite(values)))
+        return run
+
+    x0 = jnp.array([0.3, -0.2, 0.5])
+    x_final, values = simulate(lambda x: tuple(derivs(x)))(x0)
+    x_ref, values_ref = simulate(lambda x: _plain_derivatives(case, x))(x0)
+    assert values.shape == (20,)
+    assert not np.allclose(x_final, x0)  # the loop moved
+    np.testing.assert_allclose(values, values_ref, rtol=1e-12)
+    np.testing.assert_allclose(x_final, x_ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["forward", "fwdrev", "jet"])
@@ -172,30 +200,52 @@ def test_parameter_gradients_match_nested(case, method):
 
 
 def test_pinn_training_step_through_analytic_kernel():
-    """A KdV-style residual u_t + 6 u u_x + u_xxx trained with optax through the kernel."""
+    """A KdV-style residual u_t + 6 u u_x + u_xxx trained with optax through the kernel.
+
+    The same training run with the residual built by plain nested JAX AD of the Flax model
+    (no nnderiv) is the reference: the losses and the parameters agree step for step.
+    """
     import optax
 
     case = _models.linen_mlp(2, [12, 12], 1, "tanh", seed=9, scale=1.0)
     xs = _models.points(2, (16,))
     optimizer = optax.adam(1e-3)
 
-    def loss(variables):
+    def residual_analytic(variables):
         d = nnderiv.derivatives(nnderiv.from_flax(case.module, variables), xs, method="analytic")
-        u, u_x, u_t, u_xxx = d.value[:, 0], d.jacobian[:, 0, 0], d.jacobian[:, 0, 1], d.third[:, 0, 0, 0, 0]
-        return jnp.mean((u_t + 6 * u * u_x + u_xxx) ** 2)
+        return d.value[:, 0], d.jacobian[:, 0, 0], d.jacobian[:, 0, 1], d.third[:, 0, 0, 0, 0]
 
-    @jax.jit
-    def step(variables, state):
-        value, grads = jax.value_and_grad(loss)(variables)
-        updates, state = optimizer.update(grads, state)
-        return optax.apply_updates(variables, updates), state, value
+    def residual_plain(variables):
+        def u(p):  # one point (x, t) -> u
+            return case.module.apply(variables, p)[0]
 
-    variables, state = case.variables, optimizer.init(case.variables)
-    first = None
-    for _ in range(30):
-        variables, state, value = step(variables, state)
-        first = value if first is None else first
-    assert float(value) < float(first)
+        u_x = jax.grad(u)
+        u_xxx = jax.grad(lambda p: jax.grad(lambda q: u_x(q)[0])(p)[0])
+        return jax.vmap(u)(xs), jax.vmap(u_x)(xs)[:, 0], jax.vmap(u_x)(xs)[:, 1], jax.vmap(u_xxx)(xs)[:, 0]
+
+    def train(residual, steps=8):
+        def loss(variables):
+            u, u_x, u_t, u_xxx = residual(variables)
+            return jnp.mean((u_t + 6 * u * u_x + u_xxx) ** 2)
+
+        @jax.jit
+        def step(variables, state):
+            value, grads = jax.value_and_grad(loss)(variables)
+            updates, state = optimizer.update(grads, state)
+            return optax.apply_updates(variables, updates), state, value
+
+        variables, state, losses = case.variables, optimizer.init(case.variables), []
+        for _ in range(steps):
+            variables, state, value = step(variables, state)
+            losses.append(float(value))
+        return variables, np.array(losses)
+
+    variables, losses = train(residual_analytic)
+    reference, losses_ref = train(residual_plain)
+    np.testing.assert_allclose(losses, losses_ref, rtol=1e-10)
+    assert losses[-1] < losses[0]  # and it trains
+    for got, want in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_network_call_and_describe(case, net):
@@ -203,6 +253,24 @@ def test_network_call_and_describe(case, net):
     np.testing.assert_allclose(net(x), case.module.apply(case.variables, x), rtol=1e-14)
     text = net.describe()
     assert "affine 3 -> 8" in text and "tanh (closed form)" in text
+    assert text.splitlines()[0] == "MLP (m=3, parameters float64)"
+
+
+def test_describe_names_float32_weights_under_x64():
+    """Flax creates float32 parameters even under x64: describe() says so, and what that means holds:
+    float64 inputs give float64 results, exact for the float32 weights (not for float64 ones)."""
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(4), nn.tanh, nn.Dense(1)])
+    variables = model.init(jax.random.PRNGKey(0), jnp.ones(2))  # float32: Flax's default param_dtype
+    net = nnderiv.from_flax(model, variables)
+    assert net.describe().splitlines()[0] == "Sequential (m=2, parameters float32)"
+    x = _models.points(2, (3,))
+    d = nnderiv.derivatives(net, x)
+    assert d.third.dtype == jnp.float64
+    # The same weights held in float64 give the same derivatives to float64 rounding.
+    widened = nnderiv.from_flax(model, jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables))
+    assert_derivatives_close(d, nnderiv.derivatives(widened, x), label="float32 weights in float64")
 
 
 @pytest.mark.parametrize("method", ["forward", "fwdrev", "jet", "nested"])

@@ -202,7 +202,7 @@ def test_misfit_names_parameter_and_shapes(small_checkpoints, monkeypatch, name,
     message = str(info.value)
     assert str(small_checkpoints[name]) in message
     assert "same architecture" in message
-    with pytest.raises(ValueError, match="does not fit the module CompactMLP"):
+    with pytest.raises(ValueError, match="does not fit the module MLP "):
         nnderiv.from_checkpoint(module, small_checkpoints[name], input_dim=input_dim)
 
 

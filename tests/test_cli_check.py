@@ -1,4 +1,9 @@
-"""``nnderiv check``: every method against nested AD on the bundled model or a saved checkpoint."""
+"""``nnderiv check``: every method against nested AD on the bundled model or a saved checkpoint.
+
+``check`` and ``compare`` share one run loop (``nnderiv.cli.run``): the model options,
+the method list and the judgement tested here hold for both; tests/test_examples.py
+runs ``compare`` for its timings.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import pytest
 
 import nnderiv
 from nnderiv import cli
+from nnderiv._tolerance import RTOL
 from nnderiv.methods import METHODS
 
 from . import _models
 
-ALL = ["analytic", "forward", "fwdrev", "jet", "nested"]
+ALL = list(nnderiv.METHODS)  # every method, auto included: the list comes from the methods table
 FACTORY = "tests._models:checkpoint_mlp"
 WIDTHS_8_8 = '{"widths": [8, 8]}'
 
@@ -29,7 +35,7 @@ def _check(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A trained-looking CompactMLP (2 -> 8 -> 8 -> 1, tanh) saved in both formats, with a domain."""
+    """A trained-looking MLP (2 -> 8 -> 8 -> 1, tanh) saved in both formats, with a domain."""
     root = tmp_path_factory.mktemp("check")
     case = _models.linen_mlp(2, [8, 8], 1, "tanh", seed=5)
     meta = {"domain": [[-2.0, 2.0], [0.0, 1.0]], "input_dim": 2}
@@ -48,13 +54,16 @@ def test_bundled_passes(capsys):
     status, report, err = _check(capsys, "--points", "8")
     assert status == 0 and report["ok"], err
     assert [row["method"] for row in report["methods"]] == ALL
-    assert report["model"]["name"] == "BundledMLP" and report["model"]["mlp"]
+    assert report["model"]["name"] == "MLP" and report["model"]["mlp"]
+    assert report["command"] == "check" and report["forward_pass"] is None  # no timings
     assert report["points"] == 8 and report["dtype"] == "float64" and report["domain"] == "uniform in [-1, 1]^3"
     for row in report["methods"]:
         assert row["status"] == "ok"
         assert set(row["per_field"]) == {"value", "jacobian", "hessian", "third"}
         assert 0 <= row["max_rel_dev"] <= 1e-12, row  # rounding only
-    assert report["methods"][-1]["max_rel_dev"] == 0.0  # nested is the reference
+        assert "compile_s" not in row
+    assert {row["method"]: row for row in report["methods"]}["nested"]["max_rel_dev"] == 0.0  # the reference
+    assert report["methods"][0]["resolved"] in {"forward", "fwdrev", "nested"}  # what auto ran
 
 
 def test_checkpoint_with_module_factory(capsys, saved):
@@ -73,7 +82,8 @@ def test_checkpoint_architecture_from_metadata(capsys, saved):
         capsys, "--checkpoint", str(saved["msgpack"]), "--points", "4", "--float32", "--order", "2"
     )
     assert status == 0 and report["ok"], err
-    assert report["dtype"] == "float32" and report["rtol"] == cli.RTOL_FLOAT32
+    assert report["dtype"] == "float32"
+    assert report["rtol"] == dict(zip(["value", "jacobian", "hessian"], RTOL["float32"]))  # the package's table
     # The same files also work as compare's --model format.
     status, report, err = _check(
         capsys, "--model", str(saved["msgpack"].with_suffix(".json")), "--points", "4", "--order", "1"
@@ -92,8 +102,10 @@ def test_not_an_mlp_skips_the_analytic_family(capsys, tmp_path):
     assert not report["model"]["mlp"]
     assert report["domain"] == "standard normal"  # no metadata
     statuses = {row["method"]: row["status"] for row in report["methods"]}
-    assert statuses == {"analytic": "skipped", "forward": "skipped", "fwdrev": "skipped", "jet": "ok", "nested": "ok"}
-    assert all("not an MLP" in row["reason"] for row in report["methods"][:3])
+    assert statuses == {"auto": "ok", "analytic": "skipped", "forward": "skipped", "fwdrev": "skipped", "jet": "ok",
+                        "nested": "ok"}  # fmt: skip
+    assert all("not an MLP" in row["reason"] for row in report["methods"] if row["status"] == "skipped")
+    assert report["methods"][0]["resolved"] == "nested"  # auto falls back to nested AD
 
 
 def test_disagreement_exits_1(capsys, monkeypatch):
@@ -114,7 +126,7 @@ def test_disagreement_exits_1(capsys, monkeypatch):
     assert rows["jet"]["per_field"]["hessian"] < 1e-12  # only the perturbed field is off
     assert all(rows[m]["status"] == "ok" for m in ALL if m != "jet")
     # The table says so too (printed from the same report: no second run).
-    cli._print_check(report)
+    cli.print_report(report)
     out = capsys.readouterr().out
     assert "FAIL" in out and "some methods disagree" in out
 

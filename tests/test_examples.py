@@ -15,13 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_compare_json(capsys):
+    """compare: the report of the one run loop (as check's), with timings for every method."""
+    import nnderiv
+
     status = cli.main(["compare", "--batch", "8", "--repeats", "2", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert status == 0 and report["ok"]
-    methods = (
-        {row["method"] for row in report["methods"]} if isinstance(report["methods"], list) else set(report["methods"])
-    )
-    assert {"analytic", "jet", "nested"} <= {m.split(" ")[0] for m in methods}
+    assert status == 0 and report["ok"] and report["command"] == "compare"
+    assert [row["method"] for row in report["methods"]] == list(nnderiv.METHODS)
+    assert report["points"] == 8 and report["repeats"] == 2
+    assert report["forward_pass"]["per_point_us"] > 0
+    for row in report["methods"]:
+        assert row["status"] == "ok", row
+        assert row["compile_s"] > 0 and row["per_point_us"] > 0 and row["single_point_us"] > 0
+        assert row["relative_to_forward"] == row["per_point_us"] / report["forward_pass"]["per_point_us"]
+        assert set(row["per_field"]) == {"value", "jacobian", "hessian", "third"}
 
 
 def test_cli_usage_errors(capsys):
