@@ -872,7 +872,7 @@ def run_model(kind: str, cfg: Config, dtype: str, opts: Options) -> dict[str, An
         if out is not None and reference is not None:
             dev = deviation(out, reference)
             rec["max_rel_dev"] = max(dev.values())
-            rec["agree"] = bool(rec["max_rel_dev"] <= RTOL[dtype])
+            rec["agree"] = _tolerance.agrees(dev, dtype)
         rows[method] = rec
     entry["results"] = rows
     nested_t = rows[REFERENCE].get("median_s")
