@@ -46,8 +46,15 @@ _ELEMENTWISE = frozenset(
 _RESHAPES = frozenset({"reshape", "squeeze", "expand_dims"})
 
 
-class NotAnMLPError(ValueError):
-    """Raised by the analytic method for a model that is not a plain MLP."""
+class UnsupportedModelError(ValueError):
+    """Raised by the analytic methods for a model they cannot differentiate.
+
+    The message names the primitive and the module it came from.
+    """
+
+
+#: The former name, kept importable.
+NotAnMLPError = UnsupportedModelError
 
 
 @dataclasses.dataclass(eq=False)
