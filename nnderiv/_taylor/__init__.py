@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _jaxpr, _network
 from .._derivatives import Derivatives
-from . import _tables
+from . import _engine, _tables
 from ._engine import Counter, UnsupportedModelError, run, segments
 from ._poly import Poly
 from ._rules import RULES
@@ -93,22 +93,59 @@ def _fwdrev_point(program, leaves, x, order: int, counter=None) -> list:
     return fields
 
 
-def forward(net: _network.Network, x: jax.Array, order: int) -> Derivatives:
+# A chunk's Taylor stacks (chunk x coefficients x widest value) are sized to a few MB, as
+# for the order-3 kernels (methods/_cost.py): on the 2-core CI machine an unchunked batch
+# of 1024 points ran the matrix products 3-4x slower (out of cache) than chunks of 256.
+_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK, _MAX_CHUNK = 16, 512
+
+
+def chunk_size(program: _jaxpr.FlatProgram, m: int, order: int, itemsize: int, batch: int) -> int:
+    coefficients = sum(_tables.block_size(m, j) for j in range(order + 1))
+    widest = max([m] + [int(np.prod(o.shape)) for e in program.eqns for o in e.outputs])
+    per_point = coefficients * widest * itemsize
+    if batch * per_point <= 2 * _CHUNK_BYTES:
+        return batch
+    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
+    chunk = 1 << (int(chunk).bit_length() - 1)  # a power of two
+    return chunk if batch > 2 * chunk else batch
+
+
+def _batched(point_fn, x: jax.Array, chunk: int) -> list:
+    """``vmap(point_fn)`` over the batch ``x`` (B, m), ``chunk`` points at a time (``lax.map``)."""
+    batch = x.shape[0]
+    if chunk >= batch:
+        return jax.vmap(point_fn)(x)
+    full, rest = divmod(batch, chunk)
+    body = x[: full * chunk].reshape(full, chunk, x.shape[-1])
+    mapped = jax.lax.map(jax.vmap(point_fn), body)
+    mapped = [a.reshape(full * chunk, *a.shape[2:]) for a in mapped]
+    if not rest:
+        return mapped
+    tail = jax.vmap(point_fn)(x[full * chunk :])
+    return [jnp.concatenate([a, b]) for a, b in zip(mapped, tail)]
+
+
+def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:
     """The engine's forward algorithm on a batch ``x`` (B, m): packed derivatives to ``order``."""
-    program = _network.trace_program(net, x.shape[-1], x.dtype)
+    m = x.shape[-1]
+    program = _network.trace_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
-    fields = jax.vmap(lambda u: _forward_point(program, leaves, u, order))(x)
-    return Derivatives(*fields, layout="packed", m=x.shape[-1])
+    chunk = chunk or chunk_size(program, m, order, x.dtype.itemsize, x.shape[0])
+    fields = _batched(lambda u: _forward_point(program, leaves, u, order), x, chunk)
+    return Derivatives(*fields, layout="packed", m=m)
 
 
-def fwdrev(net: _network.Network, x: jax.Array, order: int) -> Derivatives:
+def fwdrev(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:
     """The engine's forward-over-reverse algorithm on a batch ``x`` (B, m)."""
     if order == 0:
         return forward(net, x, 0)
-    program = jacobian_program(net, x.shape[-1], x.dtype)
+    m = x.shape[-1]
+    program = jacobian_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
-    fields = jax.vmap(lambda u: _fwdrev_point(program, leaves, u, order))(x)
-    return Derivatives(*fields, layout="packed", m=x.shape[-1])
+    chunk = chunk or chunk_size(program, m, order - 1, x.dtype.itemsize, x.shape[0])
+    fields = _batched(lambda u: _fwdrev_point(program, leaves, u, order), x, chunk)
+    return Derivatives(*fields, layout="packed", m=m)
 
 
 def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:
@@ -128,7 +165,15 @@ def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:
         jprogram = jacobian_program(net, m, dtype)
         jax.eval_shape(lambda ls, u: _fwdrev_point(jprogram, ls, u, order, rev), specs, x)
         out["fwdrev"] = rev.flops
-    plain = Counter()
-    jax.eval_shape(lambda ls, u: _forward_point(program, ls, u, 0, plain), specs, x)
-    out["plain"] = plain.flops
+    out["plain"] = _plain_flops(program)
     return out
+
+
+def _plain_flops(program: _jaxpr.FlatProgram) -> float:
+    """Flops of the input-dependent matrix products of one plain evaluation."""
+    kind = _engine._kinds(program)  # noqa: SLF001
+    counter = Counter()
+    for eqn in program.eqns:
+        if eqn.primitive is jax.lax.dot_general_p and any(_engine.kind_of(kind, i) == "live" for i in eqn.inputs):
+            counter.count(eqn)
+    return counter.flops

@@ -87,18 +87,44 @@ def _expand(coeff, ndim: int):
     return coeff[None] if jnp.ndim(coeff) else coeff
 
 
+def take_rows(u, idx):
+    """``u[idx]`` along the leading axis for a static ``idx``, as slices and a concatenate.
+
+    Runs of consecutive indices become one slice and repeats of one index a broadcast.
+    XLA:CPU fuses these into the consumer; a gather (``jnp.take``) under the batch
+    ``vmap`` is laid out index-major and transposed back (measured 5x slower here).
+    """
+    idx = [int(i) for i in idx]
+    if idx == list(range(u.shape[0])):
+        return u
+    pieces, start = [], 0
+    while start < len(idx):
+        stop = start + 1
+        if stop < len(idx) and idx[stop] == idx[start]:
+            while stop < len(idx) and idx[stop] == idx[start]:
+                stop += 1
+            pieces.append(jnp.broadcast_to(u[idx[start] : idx[start] + 1], (stop - start, *u.shape[1:])))
+        else:
+            while stop < len(idx) and idx[stop] == idx[stop - 1] + 1:
+                stop += 1
+            pieces.append(u[idx[start] : idx[start] + (stop - start)])
+        start = stop
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
+
+
 def _pair_terms(f: Callable | None, u, v, m: int, i: int, l: int):
     """``sum_{|alpha|=i, |beta|=l, alpha+beta=gamma} f(u_alpha, v_beta)`` for every gamma."""
     ia, ib, mask = _tables.product_table(m, i, l)
-    ua, vb = u[ia], v[ib]  # (P_j, c, *S)
-    if f is None:
-        terms = ua * vb
-    else:
-        terms = jax.vmap(jax.vmap(f))(ua, vb)
-    if mask.shape[1] == 1:
-        return terms[:, 0]
-    weights = jnp.asarray(mask, terms.dtype).reshape(mask.shape + (1,) * (terms.ndim - 2))
-    return jnp.sum(terms * weights, axis=1)
+    # One row selection per column of the table: a gather with the 2-D index table lowers
+    # to a per-element gather on XLA:CPU under vmap (measured ~100x slower).
+    acc = None
+    for c in range(ia.shape[1]):
+        ua, vb = jnp.take(u, ia[:, c], axis=0), jnp.take(v, ib[:, c], axis=0)
+        term = ua * vb if f is None else jax.vmap(f)(ua, vb)
+        if not mask[:, c].all():
+            term = term * jnp.asarray(mask[:, c], term.dtype).reshape((-1,) + (1,) * (term.ndim - 1))
+        acc = term if acc is None else acc + term
+    return acc
 
 
 def _add(a, b):

@@ -137,7 +137,8 @@ def defbilinear(prim, linear_additive=()) -> None:
             ctx.count(eqn, a, b)
             params = eqn.primitive.get_bind_params(eqn.params)
             f = lambda x, y: eqn.primitive.bind(x, y, **params)  # noqa: E731
-            return [_poly.bilinear(a, b, None if prim is lax.mul_p else f)]
+            same = prim is lax.mul_p and a.shape == b.shape
+            return [_poly.bilinear(a, b, None if same else f)]
         ctx.count(eqn, a if _is_poly(a) else b)
         return _linear(eqn, ins, linear_additive)
 
