@@ -1,4 +1,4 @@
-"""nnderiv: every input derivative, up to order three, of a trained neural network.
+"""nnderiv: every input derivative, to any order, of a trained neural network.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, nnderiv
 >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
@@ -29,6 +29,7 @@ from ._flax import from_flax as from_flax
 from ._flax import from_function as from_function
 from ._network import Network as Network
 from ._network import NotAnMLPError as NotAnMLPError
+from ._network import UnsupportedModelError as UnsupportedModelError
 from ._symmetric import sorted_tuples as packed_indices
 from .methods import METHODS as METHODS
 
@@ -45,6 +46,7 @@ __all__ = [
     "DerivsFn",
     "Network",
     "NotAnMLPError",
+    "UnsupportedModelError",
     "bundled_network",
     "bundled_target",
     "checkpoint_metadata",
