@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import _jaxpr, _network
 from .._derivatives import Derivatives
-from . import _engine, _tables
+from . import _engine, _poly, _tables
 from ._engine import Counter, UnsupportedModelError, run, segments
 from ._poly import Poly
 from ._rules import RULES
@@ -63,7 +63,7 @@ def _block(out, j: int, m: int, shape, dtype):
             return out.value
         b = out.blocks[j]
         if b is not None:
-            return jnp.broadcast_to(b, (size, *shape)).astype(dtype)
+            return _poly.broadcast_block(b, tuple(shape)).astype(dtype)
     elif j == 0:
         return jnp.broadcast_to(jnp.asarray(out, dtype), shape)
     return jnp.zeros((size, *shape), dtype)
@@ -131,6 +131,7 @@ def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None =
     m = x.shape[-1]
     program = _network.trace_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
+    segments(program)  # identified by value here, outside the batch vmap (cached)
     chunk = chunk or chunk_size(program, m, order, x.dtype.itemsize, x.shape[0])
     fields = _batched(lambda u: _forward_point(program, leaves, u, order), x, chunk)
     return Derivatives(*fields, layout="packed", m=m)
@@ -143,6 +144,7 @@ def fwdrev(net: _network.Network, x: jax.Array, order: int, chunk: int | None = 
     m = x.shape[-1]
     program = jacobian_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
+    segments(program)
     chunk = chunk or chunk_size(program, m, order - 1, x.dtype.itemsize, x.shape[0])
     fields = _batched(lambda u: _fwdrev_point(program, leaves, u, order), x, chunk)
     return Derivatives(*fields, layout="packed", m=m)
@@ -158,11 +160,13 @@ def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:
     out = {}
     fwd = Counter()
     program = _network.trace_program(net, m, dtype)
+    segments(program)
     jax.eval_shape(lambda ls, u: _forward_point(program, ls, u, order, fwd), specs, x)
     out["forward"] = fwd.flops
     if order >= 1:
         rev = Counter()
         jprogram = jacobian_program(net, m, dtype)
+        segments(jprogram)
         jax.eval_shape(lambda ls, u: _fwdrev_point(jprogram, ls, u, order, rev), specs, x)
         out["fwdrev"] = rev.flops
     out["plain"] = _plain_flops(program)

@@ -82,6 +82,14 @@ def variable(x, order: int) -> Poly:
     return Poly(blocks[: order + 1], m)
 
 
+def broadcast_block(b, shape: tuple[int, ...]):
+    """A block ``(P, *s)`` broadcast to ``(P, *shape)`` (numpy rules on the element axes)."""
+    extra = len(shape) - (b.ndim - 1)
+    if extra > 0:
+        b = b.reshape((b.shape[0],) + (1,) * extra + b.shape[1:])
+    return jnp.broadcast_to(b, (b.shape[0], *shape))
+
+
 def _expand(coeff, ndim: int):
     """A per-element array (shape S) broadcast against a block (P, *S)."""
     return coeff[None] if jnp.ndim(coeff) else coeff

@@ -120,8 +120,7 @@ def _add_sub(sign: float):
             if ua is None and ub is None:
                 blocks.append(None)
                 continue
-            size = _tables.block_size(m, j)
-            parts = [jnp.broadcast_to(u, (size, *shape)) for u in (ua, ub) if u is not None]
+            parts = [_poly.broadcast_block(u, shape) for u in (ua, ub) if u is not None]
             blocks.append(parts[0] if len(parts) == 1 else parts[0] + parts[1])
         return [Poly(blocks, m)]
 
@@ -425,8 +424,8 @@ def _select_blocks(pred, a, b, m, order, shape):
             blocks.append(None)
             continue
         size = _tables.block_size(m, j)
-        za = jnp.zeros((size, *shape)) if ua is None else jnp.broadcast_to(ua, (size, *shape))
-        zb = jnp.zeros((size, *shape)) if ub is None else jnp.broadcast_to(ub, (size, *shape))
+        za = jnp.zeros((size, *shape)) if ua is None else _poly.broadcast_block(ua, shape)
+        zb = jnp.zeros((size, *shape)) if ub is None else _poly.broadcast_block(ub, shape)
         blocks.append(jnp.where(pred[None] if jnp.ndim(pred) else pred, za, zb).astype(blocks[0].dtype))
     return Poly(blocks, m)
 
