@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .. import _activations, _jaxpr
@@ -379,12 +380,12 @@ def _pow(eqn, ins, ctx):
     if not _differentiable(expo):
         c = _value(expo)
         try:
-            c = float(c)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            c = None
-        if c is not None:
-            return [_poly.compose(base, _pow_coefficients(base.value, c, base.order))]
-        # An array exponent: u^c = exp(c log u).
+            scalar = float(np.asarray(c)) if np.ndim(c) == 0 else None
+        except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            scalar = None  # an array or traced exponent
+        if scalar is not None:
+            return [_poly.compose(base, _pow_coefficients(base.value, scalar, base.order))]
+        # u^c = exp(c log u).
         log_u = _poly.compose(base, _log_like(0.0, jnp.log)(base.value, base.order, eqn))
         return [_exp_of(_linear_scale(log_u, c))]
     log_b = (
