@@ -53,9 +53,13 @@ def test_auto_picks_the_cheapest_algorithm(m, widths, n, expected):
         np.testing.assert_array_equal(a, b)  # auto *is* the chosen method
 
 
-def test_order_zero_is_a_forward_pass_and_non_mlps_use_nested():
+def test_order_zero_is_a_forward_pass_and_non_mlps_use_the_engine_or_nested():
     assert _cost.choose([(3, 16), (16, 1)], 3, 1, 0, "float64") == "forward"
+    # Not an MLP, but made of supported primitives: one of the engine's algorithms.
     net = nnderiv.from_function(lambda p, x: jnp.sin(p * x).sum(keepdims=True), 2.0, input_dim=3)
+    assert choose(net, 3, jnp.float64, 3) in ("forward", "fwdrev")
+    # A primitive the engine refuses (sort): nested AD.
+    net = nnderiv.from_function(lambda p, x: jnp.sort(jnp.sin(p * x))[:1], 2.0, input_dim=3)
     assert choose(net, 3, jnp.float64, 3) == "nested"
 
 
