@@ -1,4 +1,4 @@
-"""nnderiv: every input derivative, up to order three, of a trained neural network.
+"""nnderiv: every input derivative, to any order, of a trained neural network.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, nnderiv
 >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
@@ -32,6 +32,7 @@ from ._mlp import ACTIVATION_FUNCTIONS as MLP_ACTIVATIONS
 from ._mlp import MLP as MLP
 from ._network import Network as Network
 from ._network import NotAnMLPError as NotAnMLPError
+from ._network import UnsupportedModelError as UnsupportedModelError
 from ._symmetric import sorted_tuples as packed_indices
 from .methods import METHODS as METHODS
 
@@ -50,6 +51,7 @@ __all__ = [
     "DerivsFn",
     "Network",
     "NotAnMLPError",
+    "UnsupportedModelError",
     "bundled_network",
     "bundled_target",
     "checkpoint_metadata",

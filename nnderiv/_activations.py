@@ -1,6 +1,8 @@
-"""Elementwise activations and their derivatives to order three.
+"""Elementwise activations and their derivatives, to order three and to any order.
 
-Each entry maps an activation to ``taylor(z) -> (s, s', s'', s''')`` in closed form,
+Each entry maps an activation to ``taylor(z) -> (s, s', s'', s''')`` in closed form
+(what the order-3 kernels use) and to ``derivatives(z, k) -> [s, s', ..., s^(k)]`` for
+any ``k`` (what the Taylor engine uses), both
 written to stay finite and accurate for large ``|z|`` (the derivatives of saturating
 functions are built from ``sech^2`` and ``sigmoid(z) * sigmoid(-z)``, never from
 ``1 - tanh(z)^2`` or ``1 - sigmoid(z)``, which cancel to zero long before the true value
@@ -16,6 +18,7 @@ its derivatives are taken by nested ``jvp`` of the segment itself (:func:`generi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -32,20 +35,30 @@ _GELU_CUBIC = 0.044715
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """An elementwise function with its derivatives to order three.
+    """An elementwise function with its derivatives to order three and to any order.
 
     Attributes:
       name: a readable name (``"tanh"``, ``"leaky_relu(0.01)"``, ``"generic"``, ...).
       taylor: ``z -> (s(z), s'(z), s''(z), s'''(z))``, elementwise.
-      closed_form: whether ``taylor`` is hand-written (True) or derived by AD (False).
+      closed_form: whether the derivatives are hand-written (True) or derived by AD (False).
+      any_order: ``(z, k) -> [s(z), s'(z), ..., s^(k)(z)]``; None: by AD of the function.
     """
 
     name: str
     taylor: Taylor
     closed_form: bool = True
+    any_order: Callable[[jax.Array, int], list] | None = dataclasses.field(default=None, compare=False)
 
     def __call__(self, z):
         return self.taylor(z)[0]
+
+    def derivatives(self, z, k: int) -> list:
+        """``[s(z), s'(z), ..., s^(k)(z)]`` elementwise, for any ``k >= 0``."""
+        if self.any_order is not None:
+            return list(self.any_order(z, k))
+        if k <= 3:
+            return list(self.taylor(z)[: k + 1])
+        return _ad_derivatives(self.__call__, z, k)
 
 
 def _sech2(z):
@@ -155,22 +168,194 @@ def leaky_relu(slope: float) -> Activation:
         zero = jnp.zeros_like(z)
         return jnp.where(z >= 0, z, slope * z), jnp.where(z >= 0, 1.0, slope).astype(z.dtype), zero, zero
 
-    return Activation(f"leaky_relu({slope:g})", taylor)
+    def any_order(z, k):
+        return list(taylor(z)[: min(k, 1) + 1]) + [jnp.zeros_like(z)] * (k - 1)
+
+    return Activation(f"leaky_relu({slope:g})", taylor, any_order=any_order)
+
+
+# --------------------------------------------------------------------------------------
+# Any order. Saturating functions are written as polynomials in quantities that stay
+# accurate in the tails (sech^2 from exp(-2|z|), never 1 - tanh^2), so every derivative
+# keeps its relative accuracy until the true value underflows.
+
+
+@functools.cache
+def _tanh_polynomials(k: int) -> tuple[dict[tuple[int, int], int], ...]:
+    """``d^n tanh / dz^n`` for n = 1..k as polynomials ``{(a, b): c}``, i.e. sum c t^a s^b.
+
+    ``t = tanh z``, ``s = sech^2 z``: ``t' = s``, ``s' = -2 t s``, so
+    ``(t^a s^b)' = a t^(a-1) s^(b+1) - 2 b t^(a+1) s^b``. Every term has ``b >= 1``: each
+    derivative is a multiple of ``sech^2``, with no cancellation against 1 in the tails.
+    """
+    out = [{(0, 1): 1}]
+    for _ in range(k - 1):
+        nxt: dict[tuple[int, int], int] = {}
+        for (a, b), c in out[-1].items():
+            if a:
+                nxt[(a - 1, b + 1)] = nxt.get((a - 1, b + 1), 0) + a * c
+            nxt[(a + 1, b)] = nxt.get((a + 1, b), 0) - 2 * b * c
+        out.append({key: c for key, c in nxt.items() if c})
+    return tuple(out[:k])
+
+
+def _eval_ts(poly, t, s):
+    total = None
+    for (a, b), c in sorted(poly.items()):
+        term = float(c) * (t**a if a else 1.0) * s**b
+        total = term if total is None else total + term
+    return total
+
+
+def _tanh_any(z, k):
+    t = jnp.tanh(z)
+    s = _sech2(z)
+    return [t] + [_eval_ts(p, t, s) for p in _tanh_polynomials(k)]
+
+
+def _sigmoid_any(z, k):
+    # sigma(z) = (1 + tanh(z/2)) / 2, so sigma^(n)(z) = tanh^(n)(z/2) / 2^(n+1).
+    half = 0.5 * z
+    t = jnp.tanh(half)
+    s = _sech2(half)
+    polys = _tanh_polynomials(k)
+    return [jax.nn.sigmoid(z)] + [_eval_ts(p, t, s) * 0.5 ** (n + 1) for n, p in enumerate(polys, 1)]
+
+
+def _softplus_any(z, k):
+    return [jax.nn.softplus(z)] + (_sigmoid_any(z, k - 1) if k else [])
+
+
+def _silu_any(z, k):
+    sig = _sigmoid_any(z, k)
+    return [z * sig[0]] + [z * sig[n] + n * sig[n - 1] for n in range(1, k + 1)]
+
+
+def _hermite_e(z, k):
+    """Probabilists' Hermite polynomials He_0..He_k at z."""
+    he = [jnp.ones_like(z), z]
+    for n in range(1, k):
+        he.append(z * he[n] - n * he[n - 1])
+    return he[: k + 1]
+
+
+def _gelu_erf_any(z, k):
+    # g = z Phi(z); g' = Phi + z phi; g^(n) = (-1)^(n-1) phi (He_n - He_(n-2)) for n >= 2.
+    cdf = 0.5 * jax.lax.erfc(-z / math.sqrt(2.0))
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
+    zc = jnp.clip(z, -40.0, 40.0)  # pdf is exactly 0 beyond; keeps the polynomials finite
+    out = [z * cdf]
+    if k >= 1:
+        out.append(cdf + zc * pdf)
+    he = _hermite_e(zc, k)
+    for n in range(2, k + 1):
+        out.append((-1.0) ** (n - 1) * pdf * (he[n] - he[n - 2]))
+    return out
+
+
+def series_compose(outer: list, inner: list, k: int) -> list:
+    """Univariate series composition: the Taylor coefficients of ``s(u(z0 + e))`` in ``e``.
+
+    ``outer[p] = s^(p)(u0) / p!``, ``inner[j]`` the Taylor coefficients of ``u`` (``inner[0]``
+    is not used). Returns the coefficients of orders 0..k.
+    """
+    delta = [None] + list(inner[1 : k + 1]) + [None] * max(0, k + 1 - len(inner))
+    out = [outer[0]] + [None] * k
+    power = delta
+    for p in range(1, k + 1):
+        for j in range(p, k + 1):
+            if power[j] is not None:
+                term = outer[p] * power[j]
+                out[j] = term if out[j] is None else out[j] + term
+        if p < k:
+            nxt = [None] * (k + 1)
+            for j in range(p + 1, k + 1):
+                acc = None
+                for i in range(1, j - p + 1):
+                    if delta[i] is not None and power[j - i] is not None:
+                        t = delta[i] * power[j - i]
+                        acc = t if acc is None else acc + t
+                nxt[j] = acc
+            power = nxt
+    return [jnp.zeros_like(outer[0]) if o is None else o for o in out]
+
+
+def _gelu_tanh_any(z, k):
+    # g = z h, h(z) = sigmoid(2 u(z)), u = c (z + kappa z^3): compose the series of
+    # sigmoid(2 .) with u's (a cubic), then g^(n) = z h^(n) + n h^(n-1).
+    c = _SQRT_2_OVER_PI
+    u = c * (z + _GELU_CUBIC * z**3)
+    inner = [u, c * (1.0 + 3.0 * _GELU_CUBIC * z * z), 3.0 * c * _GELU_CUBIC * z, c * _GELU_CUBIC + 0.0 * z]
+    sig = _sigmoid_any(2.0 * u, k)
+    outer = [sig[p] * (2.0**p / math.factorial(p)) for p in range(k + 1)]
+    h = series_compose(outer, inner, k)
+    h = [h[n] * math.factorial(n) for n in range(k + 1)]  # derivatives of h
+    return [z * h[0]] + [z * h[n] + n * h[n - 1] for n in range(1, k + 1)]
+
+
+def _cycle(f, df):
+    """A function with ``f'' = -f`` (sin, cos): derivatives cycle with period four."""
+
+    def derivs(z, k):
+        v, d = f(z), df(z)
+        base = [v, d, -v, -d]
+        return [base[n % 4] for n in range(k + 1)]
+
+    return derivs
+
+
+def _exp_any(z, k):
+    e = jnp.exp(z)
+    return [e] * (k + 1)
+
+
+def _identity_any(z, k):
+    zero = jnp.zeros_like(z)
+    return [z, jnp.ones_like(z), *[zero] * max(0, k - 1)][: k + 1]
+
+
+def _relu_any(z, k):
+    return list(_relu(z)[: min(k, 1) + 1]) + [jnp.zeros_like(z)] * max(0, k - 1)
+
+
+def _ad_derivatives(fn: Callable, z, k: int) -> list:
+    """``[s, s', ..., s^(k)]`` of an elementwise ``fn`` by ``jax.experimental.jet``.
+
+    One univariate Taylor series along a vector of ones (jet's terms are derivatives:
+    ``factorial_scaled=True``); nested ``jvp`` where jet has no rule for one of the
+    function's primitives (jet raises a bare KeyError then).
+    """
+    from jax.experimental import jet as jax_jet
+
+    z = jnp.asarray(z)
+    if k == 0:
+        return [fn(z)]
+    ones = jnp.ones_like(z)
+    try:
+        primal, series = jax_jet.jet(fn, (z,), ((ones,) + (jnp.zeros_like(z),) * (k - 1),))
+        return [primal, *series]
+    except (KeyError, NotImplementedError):
+        pass
+    out, g = [fn(z)], fn
+    for _ in range(k):
+        g = (lambda h: lambda u: jax.jvp(h, (u,), (jnp.ones_like(u),))[1])(g)
+        out.append(g(z))
+    return out
 
 
 #: The activations with closed-form derivatives, by name.
 ACTIVATIONS: dict[str, Activation] = {
-    "tanh": Activation("tanh", _tanh),
-    "sigmoid": Activation("sigmoid", _sigmoid),
-    "softplus": Activation("softplus", _softplus),
-    "silu": Activation("silu", _silu),
-    "gelu_tanh": Activation("gelu_tanh", _gelu_tanh),
-    "gelu_erf": Activation("gelu_erf", _gelu_erf),
-    "sin": Activation("sin", _sin),
-    "cos": Activation("cos", _cos),
-    "exp": Activation("exp", _exp),
-    "identity": Activation("identity", _identity),
-    "relu": Activation("relu", _relu),
+    "tanh": Activation("tanh", _tanh, any_order=_tanh_any),
+    "sigmoid": Activation("sigmoid", _sigmoid, any_order=_sigmoid_any),
+    "softplus": Activation("softplus", _softplus, any_order=_softplus_any),
+    "silu": Activation("silu", _silu, any_order=_silu_any),
+    "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, any_order=_gelu_tanh_any),
+    "gelu_erf": Activation("gelu_erf", _gelu_erf, any_order=_gelu_erf_any),
+    "sin": Activation("sin", _sin, any_order=_cycle(jnp.sin, jnp.cos)),
+    "cos": Activation("cos", _cos, any_order=_cycle(jnp.cos, lambda z: -jnp.sin(z))),
+    "exp": Activation("exp", _exp, any_order=_exp_any),
+    "identity": Activation("identity", _identity, any_order=_identity_any),
+    "relu": Activation("relu", _relu, any_order=_relu_any),
 }
 
 # Reference implementations the recognizer compares a traced segment with: JAX's own,
@@ -243,4 +428,4 @@ def generic(fn: Callable[[jax.Array], jax.Array], name: str = "generic") -> Acti
 
         return fn(z), d1(z), d2(z), d3(z)
 
-    return Activation(name, taylor, closed_form=False)
+    return Activation(name, taylor, closed_form=False, any_order=lambda z, k: _ad_derivatives(fn, z, k))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,17 +12,19 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _batching, _network
-from ._derivatives import Derivatives, expand_fields
+from ._derivatives import Derivatives
 from ._shapes import Points
 from .methods import METHODS
 
+#: The orders with a named field of :class:`Derivatives` (value, jacobian, hessian, third).
+#: Any integer order >= 0 can be asked for; ``d.derivative(k)`` reads every one.
 ORDERS = (0, 1, 2, 3)
 LAYOUTS = ("full", "packed")
 
 
 def _check_options(order, method, layout="full") -> None:
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 0:
+        raise ValueError(f"order must be an integer >= 0, got {order!r}")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods are {sorted(METHODS)}")
     if layout not in LAYOUTS:
@@ -116,10 +120,16 @@ def derivatives(
         lists are converted too); integer inputs are promoted to the default float
         type, float16 and bfloat16 to float32 (their 3 significant digits leave no
         correct digit in a third derivative); complex and boolean inputs are rejected.
-      order: highest order, 0 to 3 (default 3: value, Jacobian, Hessian, third tensor).
-      method: ``"analytic"`` (the hand-written kernels on packed Taylor coefficients,
-        MLPs only: ``"forward"`` or ``"fwdrev"``, whichever the cost model predicts to be
-        faster; both names can be asked for directly), ``"jet"``
+      order: highest order, any integer >= 0 (``d.derivative(k)`` reads order ``k``; the
+        first four also as ``value``, ``jacobian``, ``hessian``, ``third``). An order whose
+        result and Taylor stacks would not fit in memory for the batch is refused before
+        anything is traced, with the size needed and a ``batch_size`` that fits.
+      method: ``"analytic"`` (packed Taylor arithmetic: the forward or the
+        forward-over-reverse algorithm, whichever is predicted faster; both names can be
+        asked for directly as ``"forward"`` and ``"fwdrev"``. Plain MLPs up to order 3 run
+        hand-written kernels; every other model made of supported primitives -- residual
+        blocks, normalisation, Fourier features, output transforms -- and every order runs
+        the Taylor engine, which names the primitive it cannot take), ``"jet"``
         (``jax.experimental.jet``), ``"nested"`` (nested ``jacfwd``/``jacrev``) or
         ``"auto"`` (default: the fastest that applies).
       layout: ``"full"`` (default) or ``"packed"``: the Hessian and third tensor hold
@@ -130,8 +140,9 @@ def derivatives(
 
     Returns:
       :class:`Derivatives` with fields of shapes ``(*batch, n)``, ``(*batch, n, m)``,
-      ``(*batch, n, m, m)``, ``(*batch, n, m, m, m)`` (``Float[Array, "*batch n m m m"]``
-      and so on: :mod:`nnderiv._shapes`); fields above ``order`` are None.
+      ``(*batch, n, m, m)``, ``(*batch, n, m, m, m)``, ... (order ``k``:
+      ``(*batch, n) + (m,) * k``); fields above ``order`` are None
+      (shapes as ``jaxtyping`` annotations: :mod:`nnderiv._shapes`).
 
     Example:
       >>> import jax.numpy as jnp, nnderiv
@@ -157,12 +168,73 @@ def derivatives(
     return _derivatives(net, x, int(order), method, layout)
 
 
+def _available_bytes() -> int | None:
+    """Memory the computation may use: the default device's limit, or the host's available RAM."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    except Exception:  # noqa: BLE001 - no stats on this backend
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def check_memory(net: _network.Network, batch: int, m: int, dtype, order: int, layout: str, available=None) -> None:
+    """Refuse, before anything is traced, an order whose stacks would not fit for ``batch`` points.
+
+    The estimate: the result (``n`` outputs times every unique entry of orders ``0..k``, or
+    ``m**j`` entries per order ``j`` in the full layout) plus the working set of the packed
+    Taylor stacks, ``C(m+k, k)`` coefficients for each of the model's widest live values.
+    """
+    if batch == 0 or order <= 3:
+        return
+    program = _network.trace_program(net, m, dtype)
+    n = _network.output_dim(net, m, dtype)
+    widest = max([n, m] + [math.prod(o.shape) for e in program.eqns for o in e.outputs if hasattr(o, "shape")])
+    itemsize = jnp.dtype(dtype).itemsize
+    unique = sum(math.comb(m + j - 1, j) for j in range(order + 1))
+    stored = unique if layout == "packed" else sum(m**j for j in range(order + 1))
+    out_bytes = batch * n * stored * itemsize
+    work_bytes = 2 * batch * math.comb(m + order, order) * widest * itemsize
+    need = out_bytes + work_bytes
+    available = _available_bytes() if available is None else available
+    if available is None or need <= available:
+        return
+    per_point = need / batch
+    fits = max(1, int(available // (2 * per_point)))
+    raise ValueError(
+        f"order {order} for {batch} points of {m} inputs would need about {_gib(need)} "
+        f"(result {_gib(out_bytes)}{' in the full layout' if layout == 'full' else ''}, "
+        f"Taylor stacks {_gib(work_bytes)}), more than the {_gib(available)} available. "
+        f"Pass a smaller batch_size to derivs_fn (e.g. batch_size={fits}), "
+        + ("use layout='packed', " if layout == "full" else "")
+        + "or a lower order."
+    )
+
+
 def _derivatives(net: _network.Network, x: jax.Array, order: int, method: str, layout: str) -> Derivatives:
     batch_shape, m = x.shape[:-1], x.shape[-1]
+    check_memory(net, math.prod(batch_shape), m, x.dtype, order, layout)
     result = METHODS[method](net, x.reshape(-1, m), order)
+    # Every method returns packed tensors (orders >= 2 hold their unique entries).
+    result = Derivatives(*result, layout="packed", m=m)
     if layout == "full":
-        result = expand_fields(result, m)
-    return Derivatives(*(None if f is None else f.reshape(*batch_shape, *f.shape[1:]) for f in result))
+        result = result.as_layout("full")
+    return result.map(lambda f: f.reshape(*batch_shape, *f.shape[1:]))
 
 
 _compiled_derivatives = jax.jit(_derivatives, static_argnums=(2, 3, 4))
@@ -204,7 +276,7 @@ class DerivsFn:
                 out = _batching.shard_batch(fn, flat, mesh, batch_size)
             else:
                 out = _batching.map_chunks(fn, flat, batch_size)
-            return Derivatives(*(None if f is None else f.reshape(*batch_shape, *f.shape[1:]) for f in out))
+            return out.map(lambda f: f.reshape(*batch_shape, *f.shape[1:]))
 
         def chunk_impl(net, x):  # one (batch_size, m) chunk
             self.trace_count += 1

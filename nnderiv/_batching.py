@@ -119,8 +119,9 @@ class ChunkedRunner:
         batch, m = x.shape
         shapes = jax.eval_shape(self.chunk_fn, jax.ShapeDtypeStruct((bs, m), x.dtype))
         out = [None if s is None else jnp.zeros((*batch_shape, *s.shape[1:]), s.dtype) for s in shapes]
+        layout = shapes.layout
         if batch == 0:
-            return Derivatives(*out)
+            return Derivatives(*out, layout=layout)
         # Chunks are cut on the host: slicing a device array at many static offsets would
         # compile one slicing program per offset. On CPU this is a view, not a copy.
         host = np.asarray(x)
@@ -131,7 +132,7 @@ class ChunkedRunner:
                 chunk = np.concatenate([chunk, np.zeros((bs - count, m), chunk.dtype)])
             result = self.chunk_fn(chunk)
             out = self._write(out, list(result), count, np.int32(start) if batch < 2**31 else np.int64(start))
-        return Derivatives(*out)
+        return Derivatives(*out, layout=layout)
 
 
 def _write_rows(out, result, count: int, start):

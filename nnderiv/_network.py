@@ -46,8 +46,15 @@ _ELEMENTWISE = frozenset(
 _RESHAPES = frozenset({"reshape", "squeeze", "expand_dims"})
 
 
-class NotAnMLPError(ValueError):
-    """Raised by the analytic method for a model that is not a plain MLP."""
+class UnsupportedModelError(ValueError):
+    """Raised by the analytic methods for a model they cannot differentiate.
+
+    The message names the primitive and the module it came from.
+    """
+
+
+#: The former name, kept importable.
+NotAnMLPError = UnsupportedModelError
 
 
 @dataclasses.dataclass(eq=False)
@@ -284,13 +291,13 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
             and eqn.name in ("add", "sub")
             and len(live_in) == 1
             and eqn.inputs[0] is head
-            and eqn.inputs[1].shape in ((), head.shape)
+            and _shape_of(eqn.inputs[1]) in ((), head.shape)
         ) or (
             affine_open
             and eqn.name == "add"
             and len(live_in) == 1
             and eqn.inputs[1] is head
-            and eqn.inputs[0].shape in ((), head.shape)
+            and _shape_of(eqn.inputs[0]) in ((), head.shape)
         ):
             bias = eqn.inputs[1] if eqn.inputs[0] is head else eqn.inputs[0]
             sign = -1.0 if eqn.name == "sub" else 1.0
@@ -328,6 +335,11 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
     return MLPStructure(program, prologue, tuple(stages), int(np.prod(result.shape)), result.dtype)
 
 
+def _shape_of(op) -> tuple[int, ...]:
+    """The shape of a variable or of a literal (a literal has no ``.shape`` attribute)."""
+    return tuple(op.shape) if isinstance(op, _jaxpr.FlatVar) else tuple(np.shape(op.value))
+
+
 def _as_affine(eqn, kind_of) -> AffineStage | str:
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.inputs
@@ -338,10 +350,11 @@ def _as_affine(eqn, kind_of) -> AffineStage | str:
         return "a product of two input-dependent values is not an affine layer"
     vec, mat = (lhs, rhs) if live_first else (rhs, lhs)
     vec_c, mat_c = (lhs_c, rhs_c) if live_first else (rhs_c, lhs_c)
-    if len(vec.shape) != 1 or tuple(vec_c) != (0,) or len(mat.shape) != 2 or len(mat_c) != 1:
-        return f"expected a vector times a matrix, got shapes {vec.shape} and {mat.shape}"
+    vec_shape, mat_shape = _shape_of(vec), _shape_of(mat)
+    if len(vec_shape) != 1 or tuple(vec_c) != (0,) or len(mat_shape) != 2 or len(mat_c) != 1:
+        return f"expected a vector times a matrix, got shapes {vec_shape} and {mat_shape}"
     transpose = tuple(mat_c) == (1,)
-    fan_in, fan_out = (mat.shape[1], mat.shape[0]) if transpose else mat.shape
+    fan_in, fan_out = (mat_shape[1], mat_shape[0]) if transpose else mat_shape
     return AffineStage(mat, transpose, (), int(fan_in), int(fan_out))
 
 
@@ -435,3 +448,9 @@ def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
         else:
             out.append(_activations.generic(stage.function(env), "parametrised"))
     return out
+
+
+def output_dim(net: Network, m: int, dtype) -> int:
+    """The number of outputs ``n`` of ``net`` for inputs of size ``m``."""
+    program = trace_program(net, m, dtype)
+    return int(np.prod(program.outputs[0].shape))

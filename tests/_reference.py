@@ -1,4 +1,4 @@
-"""Independent extended-precision reference for MLP input derivatives (orders 0..3).
+"""Independent extended-precision reference for MLP input derivatives (any order).
 
 This module deliberately uses only :mod:`mpmath` and :mod:`numpy` -- no JAX and no
 automatic differentiation -- so that it can serve as a ground truth for the library.
@@ -233,17 +233,19 @@ def reference_derivatives(layers, activations, x, order: int = 3, dps: int = 40)
       layers: list of ``(W, b)`` float64 arrays, ``W`` of shape ``(in, out)``.
       activations: activation names, one per hidden layer.
       x: float64 input of shape ``(m,)``.
-      order: highest derivative order to compute, 0..3.
+      order: highest derivative order to compute (any integer >= 0; the cost grows
+        with the number of unique partials, C(m+k-1, k) per order k).
       dps: decimal digits of the working precision (mpmath raises it further
         internally for the finite differences).
 
     Returns:
-      ``(value, jacobian, hessian, third)`` as float64 arrays of shapes ``(n,)``,
-      ``(n, m)``, ``(n, m, m)``, ``(n, m, m, m)``; entries above ``order`` are ``None``.
+      ``(value, jacobian, hessian, third, ...)`` as float64 arrays of shapes ``(n,)``,
+      ``(n, m)``, ``(n, m, m)``, ``(n, m, m, m)``, ... (at least four entries, one per
+      order up to ``order``); entries above ``order`` are ``None``.
       ``jacobian[i, j] = d y_i / d x_j`` etc.
     """
-    if order not in (0, 1, 2, 3):
-        raise ValueError(f"order must be 0, 1, 2 or 3, got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"order must be an integer >= 0, got {order!r}")
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"x must have shape (m,), got {x.shape}")
@@ -267,7 +269,7 @@ def reference_derivatives(layers, activations, x, order: int = 3, dps: int = 40)
         def to_f64(col) -> np.ndarray:
             return np.array([float(col[i]) for i in range(n)], dtype=np.float64)
 
-        results = [to_f64(f(*xs)), None, None, None]
+        results = [to_f64(f(*xs))] + [None] * max(3, order)
         for k in range(1, order + 1):
             tensor = np.empty((n,) + (m,) * k, dtype=np.float64)
             # Only the unique partials j1 <= ... <= jk; the rest follow by symmetry.

@@ -103,7 +103,7 @@ def test_restricting_the_candidates_and_order_zero():
     assert _cost.choose(layers, 3, 1, 0, "float64", 64, FREE_MATMULS) == "forward"
 
 
-def test_auto_runs_what_choose_says_and_non_mlps_use_nested():
+def test_auto_runs_what_choose_says():
     case = linen_mlp(3, (16, 16), 2, "tanh")
     net = nnderiv.from_flax(case.module, case.variables)
     x = points(3, (5,), seed=1)
@@ -113,8 +113,16 @@ def test_auto_runs_what_choose_says_and_non_mlps_use_nested():
     chosen = nnderiv.derivatives(net, x, method=picked)
     for a, b in zip(auto, chosen):
         np.testing.assert_array_equal(a, b)  # auto *is* the chosen method
-    not_mlp = nnderiv.from_function(lambda p, x: jnp.sin(p * x).sum(keepdims=True), 2.0, input_dim=3)
-    assert choose(not_mlp, 3, jnp.float64, 3) == "nested"
+
+
+def test_order_zero_is_a_forward_pass_and_non_mlps_use_the_engine_or_nested():
+    assert _cost.choose([(3, 16), (16, 1)], 3, 1, 0, "float64") == "forward"
+    # Not an MLP, but made of supported primitives: one of the engine's algorithms.
+    net = nnderiv.from_function(lambda p, x: jnp.sin(p * x).sum(keepdims=True), 2.0, input_dim=3)
+    assert choose(net, 3, jnp.float64, 3) in ("forward", "fwdrev")
+    # A primitive the engine refuses (sort): nested AD.
+    net = nnderiv.from_function(lambda p, x: jnp.sort(jnp.sin(p * x))[:1], 2.0, input_dim=3)
+    assert choose(net, 3, jnp.float64, 3) == "nested"
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The analytic methods: the forward and forward-over-reverse kernels on a traced MLP.
+"""The analytic methods: forward and forward-over-reverse on packed Taylor coefficients.
 
-``"forward"`` and ``"fwdrev"`` run one kernel each; ``"analytic"`` runs the one the
-cost model (``_cost``) predicts to be faster for this network, batch and order.
+``"forward"`` and ``"fwdrev"`` run one algorithm each; ``"analytic"`` runs the one
+predicted to be faster for this network, batch and order. A plain MLP up to order 3 runs
+the hand-written kernels (``forward.py``, ``fwdrev.py``); any other model, and any order,
+runs the Taylor engine (``nnderiv._taylor``), which raises
+:class:`~nnderiv._network.UnsupportedModelError` naming a primitive it has no rule for.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .. import _network
+from .. import _network, _taylor
 from .._derivatives import Derivatives
 from . import _cost
 from .forward import forward_stack, unpack
@@ -61,9 +64,25 @@ def _chunked(kernel: str, stages, x: jax.Array, n: int, order: int, chunk: int) 
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), mapped, tail)
 
 
+def engine_choice(net, m: int, dtype, order: int) -> str:
+    """``"forward"`` or ``"fwdrev"``: the engine algorithm with fewer matrix-product flops."""
+    if order <= 1:
+        return "forward"
+    work = _taylor.work(net, m, dtype, order)
+    return "fwdrev" if work["fwdrev"] < work["forward"] else "forward"
+
+
+def _engine(net, x: jax.Array, order: int, kernel: str | None) -> Derivatives:
+    kernel = kernel or engine_choice(net, x.shape[-1], x.dtype, order)
+    return (_taylor.forward if kernel == "forward" else _taylor.fwdrev)(net, x, order)
+
+
 def _method(kernel: str | None):
     def run(net, x: jax.Array, order: int) -> Derivatives:
-        stages, structure = mlp_stages(net, x)
+        structure = _network.mlp_structure(net, x.shape[-1], x.dtype)
+        if isinstance(structure, str) or order > 3:
+            return _engine(net, x, order, kernel)
+        stages = _network.runtime_stages(net, structure, structure.dtype)
         x = x.astype(structure.dtype)
         plan = _cost.plan(stages, x.shape[0], x.shape[-1], structure.output_dim, order, x.dtype, kernel)
         return _chunked(plan.kernel, stages, x, structure.output_dim, order, plan.chunk)

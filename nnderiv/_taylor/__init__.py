@@ -1,0 +1,183 @@
+"""The packed Taylor engine: any JAX model of supported primitives, any order.
+
+Every live variable of the model's flat per-point program carries its truncated
+multivariate Taylor polynomial in the ``m`` inputs (``_poly``); one rule per primitive
+(``_rules``) maps polynomials to polynomials for every order; the interpreter
+(``_engine``) runs the program on them, and is ``vmap``-ed over the batch. Two algorithms
+on top:
+
+* :func:`forward` -- the program of ``f`` at order ``k``: every unique partial of
+  orders ``0..k`` is ``alpha!`` times a Taylor coefficient of the output;
+* :func:`fwdrev` -- forward over reverse: the program of ``jax.jacrev(f)`` at order
+  ``k - 1``; the order-``q`` partial ``d_p d^alpha f_i`` (``p`` the smallest index of the
+  sorted tuple) is ``alpha!`` times the ``alpha`` coefficient of ``J[i, p]``. Reading only
+  sorted tuples makes the expanded result exactly symmetric.
+
+Both return packed results (orders >= 2 hold their unique entries).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _jaxpr, _network
+from .._derivatives import Derivatives
+from . import _engine, _poly, _tables
+from ._engine import Counter, UnsupportedModelError, run, segments
+from ._poly import Poly
+from ._rules import RULES
+
+__all__ = ["RULES", "Counter", "UnsupportedModelError", "forward", "fwdrev", "jacobian_program", "work", "run", "segments"]
+
+
+def jacobian_program(net: _network.Network, m: int, dtype) -> _jaxpr.FlatProgram:
+    """The flat program of ``(*param_leaves, x) -> (J (n, m), f (n,))`` for one point."""
+    leaves, treedef = jax.tree_util.tree_flatten(net.params)
+    key = ("jacrev", m, jnp.dtype(dtype).name, treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves))
+    cached = net.spec.cache.get(key)
+    if cached is not None:
+        return cached
+
+    def flat(*args):
+        params = jax.tree_util.tree_unflatten(treedef, args[:-1])
+
+        def f(u):
+            y = jnp.reshape(net.spec.apply(params, u), (-1,))
+            return y, y
+
+        return jax.jacrev(f, has_aux=True)(args[-1])
+
+    specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
+    program = _jaxpr.trace_flat(flat, *specs, jax.ShapeDtypeStruct((m,), dtype))
+    net.spec.cache[key] = program
+    return program
+
+
+def _block(out, j: int, m: int, shape, dtype):
+    """Block ``j`` (P_j, *shape) of an output: zeros for a None block or a non-live output."""
+    size = _tables.block_size(m, j)
+    if isinstance(out, Poly):
+        if j == 0:
+            return out.value
+        b = out.blocks[j]
+        if b is not None:
+            return _poly.broadcast_block(b, tuple(shape)).astype(dtype)
+    elif j == 0:
+        return jnp.broadcast_to(jnp.asarray(out, dtype), shape)
+    return jnp.zeros((size, *shape), dtype)
+
+
+def _forward_point(program, leaves, x, order: int, counter=None) -> list:
+    (y,) = run(program, leaves, x, order, counter)
+    shape = tuple(program.outputs[0].shape) if isinstance(program.outputs[0], _jaxpr.FlatVar) else np.shape(y)
+    m = x.shape[0]
+    fields = [_block(y, 0, m, shape, x.dtype)]
+    for j in range(1, order + 1):
+        block = _block(y, j, m, shape, x.dtype)  # (P_j, n) Taylor coefficients
+        fields.append(jnp.moveaxis(block, 0, -1) * jnp.asarray(_tables.factorials(m, j), x.dtype))
+    return fields
+
+
+def _fwdrev_point(program, leaves, x, order: int, counter=None) -> list:
+    jac, y = run(program, leaves, x, order - 1, counter)
+    m = x.shape[0]
+    (n,) = program.outputs[1].shape if isinstance(program.outputs[1], _jaxpr.FlatVar) else np.shape(y)
+    fields = [_block(y, 0, m, (n,), x.dtype), _block(jac, 0, m, (n, m), x.dtype)]
+    for q in range(2, order + 1):
+        block = _block(jac, q - 1, m, (n, m), x.dtype)  # (P_{q-1}, n, m)
+        slot, col, fact = _tables.fwdrev_table(m, q)
+        picked = block[slot, :, col]  # (P_q, n)
+        fields.append(jnp.moveaxis(picked, 0, -1) * jnp.asarray(fact, x.dtype))
+    return fields
+
+
+# A chunk's Taylor stacks (chunk x coefficients x widest value) are sized to a few MB, as
+# for the order-3 kernels (methods/_cost.py): on the 2-core CI machine an unchunked batch
+# of 1024 points ran the matrix products 3-4x slower (out of cache) than chunks of 256.
+_CHUNK_BYTES = 4 << 20
+_MIN_CHUNK, _MAX_CHUNK = 16, 512
+
+
+def chunk_size(program: _jaxpr.FlatProgram, m: int, order: int, itemsize: int, batch: int) -> int:
+    coefficients = sum(_tables.block_size(m, j) for j in range(order + 1))
+    widest = max([m] + [int(np.prod(o.shape)) for e in program.eqns for o in e.outputs])
+    per_point = coefficients * widest * itemsize
+    if batch * per_point <= 2 * _CHUNK_BYTES:
+        return batch
+    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
+    chunk = 1 << (int(chunk).bit_length() - 1)  # a power of two
+    return chunk if batch > 2 * chunk else batch
+
+
+def _batched(point_fn, x: jax.Array, chunk: int) -> list:
+    """``vmap(point_fn)`` over the batch ``x`` (B, m), ``chunk`` points at a time (``lax.map``)."""
+    batch = x.shape[0]
+    if chunk >= batch:
+        return jax.vmap(point_fn)(x)
+    full, rest = divmod(batch, chunk)
+    body = x[: full * chunk].reshape(full, chunk, x.shape[-1])
+    mapped = jax.lax.map(jax.vmap(point_fn), body)
+    mapped = [a.reshape(full * chunk, *a.shape[2:]) for a in mapped]
+    if not rest:
+        return mapped
+    tail = jax.vmap(point_fn)(x[full * chunk :])
+    return [jnp.concatenate([a, b]) for a, b in zip(mapped, tail)]
+
+
+def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:
+    """The engine's forward algorithm on a batch ``x`` (B, m): packed derivatives to ``order``."""
+    m = x.shape[-1]
+    program = _network.trace_program(net, m, x.dtype)
+    leaves = jax.tree_util.tree_leaves(net.params)
+    segments(program)  # identified by value here, outside the batch vmap (cached)
+    chunk = chunk or chunk_size(program, m, order, x.dtype.itemsize, x.shape[0])
+    fields = _batched(lambda u: _forward_point(program, leaves, u, order), x, chunk)
+    return Derivatives(*fields, layout="packed", m=m)
+
+
+def fwdrev(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:
+    """The engine's forward-over-reverse algorithm on a batch ``x`` (B, m)."""
+    if order == 0:
+        return forward(net, x, 0)
+    m = x.shape[-1]
+    program = jacobian_program(net, m, x.dtype)
+    leaves = jax.tree_util.tree_leaves(net.params)
+    segments(program)
+    chunk = chunk or chunk_size(program, m, order - 1, x.dtype.itemsize, x.shape[0])
+    fields = _batched(lambda u: _fwdrev_point(program, leaves, u, order), x, chunk)
+    return Derivatives(*fields, layout="packed", m=m)
+
+
+def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:
+    """Per-point matrix-product flops of the engine's two algorithms, counted by interpreting
+    the programs abstractly (``jax.eval_shape``: nothing is computed). Raises
+    :class:`UnsupportedModelError` where the engine does not apply."""
+    leaves = jax.tree_util.tree_leaves(net.params)
+    specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
+    x = jax.ShapeDtypeStruct((m,), dtype)
+    out = {}
+    fwd = Counter()
+    program = _network.trace_program(net, m, dtype)
+    segments(program)
+    jax.eval_shape(lambda ls, u: _forward_point(program, ls, u, order, fwd), specs, x)
+    out["forward"] = fwd.flops
+    if order >= 1:
+        rev = Counter()
+        jprogram = jacobian_program(net, m, dtype)
+        segments(jprogram)
+        jax.eval_shape(lambda ls, u: _fwdrev_point(jprogram, ls, u, order, rev), specs, x)
+        out["fwdrev"] = rev.flops
+    out["plain"] = _plain_flops(program)
+    return out
+
+
+def _plain_flops(program: _jaxpr.FlatProgram) -> float:
+    """Flops of the input-dependent matrix products of one plain evaluation."""
+    kind = _engine._kinds(program)  # noqa: SLF001
+    counter = Counter()
+    for eqn in program.eqns:
+        if eqn.primitive is jax.lax.dot_general_p and any(_engine.kind_of(kind, i) == "live" for i in eqn.inputs):
+            counter.count(eqn)
+    return counter.flops

@@ -1,0 +1,274 @@
+"""The interpreter: the per-point program evaluated on Taylor polynomials.
+
+Every variable that depends on the input (*live*) carries a :class:`~._poly.Poly`; the
+others (parameters, constants and anything computed from them alone) are plain values,
+computed once per call (``vmap`` over the batch leaves them unbatched). Each live equation
+is dispatched to its rule in :data:`~._rules.RULES` by primitive object; an equation whose
+live operands all have vanishing derivatives (a comparison's result, ``floor``) is just
+evaluated.
+
+Activation fast path: a maximal connected group of elementwise live equations whose only
+live input is one variable and whose only value used outside is one variable is a
+univariate function of that input. Identified by value as one of the known activations
+(``_activations.recognize``), it is applied as one composition with the activation's
+closed-form derivatives, whatever ops it was written with (``x * sigmoid(x)``,
+``jax.nn.softplus``'s ``logaddexp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _activations, _jaxpr, _network
+from . import _poly, _rules
+from ._poly import Poly
+
+UnsupportedModelError = _network.UnsupportedModelError
+
+
+@dataclasses.dataclass
+class Counter:
+    """Per-point multiply-add work of the matrix products, counted while interpreting."""
+
+    flops: float = 0.0
+
+    def count(self, eqn: _jaxpr.FlatEqn, *polys) -> None:
+        if eqn.primitive is not jax.lax.dot_general_p:
+            return
+        (lhs_c, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.inputs[0]
+        shape = lhs.shape if isinstance(lhs, _jaxpr.FlatVar) else np.shape(lhs.value)
+        contracted = math.prod(shape[d] for d in lhs_c)
+        out = math.prod(eqn.outputs[0].shape)
+        rows = 0
+        for p in polys:
+            if isinstance(p, Poly):
+                rows += 1 + sum(int(np.shape(b)[0]) for b in p.blocks[1:] if b is not None)
+        self.flops += 2.0 * contracted * out * max(rows, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    source: _jaxpr.FlatVar
+    result: _jaxpr.FlatVar
+    eqns: tuple[int, ...]  # indices into program.eqns
+    activation: _activations.Activation
+
+
+def _kinds(program: _jaxpr.FlatProgram) -> dict:
+    *params, x = program.inputs
+    kind: dict[Any, str] = {v: "param" for v in params}
+    kind[x] = "live"
+    for eqn in program.eqns:
+        ks = {kind_of(kind, i) for i in eqn.inputs}
+        k = "live" if "live" in ks else "param" if "param" in ks else "pure"
+        for o in eqn.outputs:
+            kind[o] = k
+    return kind
+
+
+def kind_of(kind: dict, op) -> str:
+    return "pure" if isinstance(op, _jaxpr.FlatLiteral) else kind[op]
+
+
+def _shape(op) -> tuple[int, ...]:
+    return tuple(op.shape) if isinstance(op, _jaxpr.FlatVar) else tuple(np.shape(op.value))
+
+
+_SEGMENTS: dict[int, tuple[_jaxpr.FlatProgram, dict[int, Segment], frozenset[int]]] = {}
+
+
+def segments(program: _jaxpr.FlatProgram) -> tuple[dict[int, Segment], frozenset[int]]:
+    """The activation segments of ``program``: {index of the last eqn: segment}, skipped eqns."""
+    cached = _SEGMENTS.get(id(program))
+    if cached is not None and cached[0] is program:
+        return cached[1], cached[2]
+    found = _find_segments(program)
+    _SEGMENTS[id(program)] = (program, *found)
+    return found
+
+
+def _find_segments(program):
+    kind = _kinds(program)
+    producer: dict[Any, int] = {}
+    for idx, eqn in enumerate(program.eqns):
+        for o in eqn.outputs:
+            producer[o] = idx
+    candidate = set()
+    for idx, eqn in enumerate(program.eqns):
+        if eqn.primitive not in _rules.ELEMENTWISE or len(eqn.outputs) != 1:
+            continue
+        ins = eqn.inputs
+        if kind_of(kind, eqn.outputs[0]) != "live" or any(kind_of(kind, i) == "param" for i in ins):
+            continue
+        shape = eqn.outputs[0].shape
+        if any(_shape(i) not in ((), shape) for i in ins):
+            continue
+        if any(kind_of(kind, i) == "live" and _shape(i) != shape for i in ins):
+            continue
+        candidate.add(idx)
+    parent = {i: i for i in candidate}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for idx in sorted(candidate):
+        for i in program.eqns[idx].inputs:
+            p = producer.get(i) if isinstance(i, _jaxpr.FlatVar) else None
+            if p is not None and p in candidate:
+                parent[find(p)] = find(idx)
+    groups: dict[int, list[int]] = {}
+    for idx in sorted(candidate):
+        groups.setdefault(find(idx), []).append(idx)
+    uses: dict[Any, set] = {}
+    for idx, eqn in enumerate(program.eqns):
+        for i in eqn.inputs:
+            if isinstance(i, _jaxpr.FlatVar):
+                uses.setdefault(i, set()).add(idx)
+    outputs = {o for o in program.outputs if isinstance(o, _jaxpr.FlatVar)}
+
+    found: dict[int, Segment] = {}
+    skipped: set[int] = set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue  # a single primitive: its own rule is the same closed form
+        inside = set(members)
+        produced = {o for i in members for o in program.eqns[i].outputs}
+        sources = {
+            i
+            for idx in members
+            for i in program.eqns[idx].inputs
+            if isinstance(i, _jaxpr.FlatVar) and kind_of(kind, i) == "live" and i not in produced
+        }
+        escaping = [v for v in produced if v in outputs or uses.get(v, set()) - inside]
+        if len(sources) != 1 or len(escaping) != 1:
+            continue
+        (source,), (result,) = sources, escaping
+        if not (jnp.issubdtype(source.dtype, jnp.floating) and jnp.issubdtype(result.dtype, jnp.floating)):
+            continue
+        if source.shape != result.shape:
+            continue
+        activation = _identify(program, kind, [program.eqns[i] for i in members], source, result)
+        if activation is None or activation.name == "identity":
+            continue
+        found[max(members)] = Segment(source, result, tuple(members), activation)
+        skipped.update(members)
+    return found, frozenset(skipped)
+
+
+def _identify(program, kind, eqns, source, result) -> _activations.Activation | None:
+    produced = {o for e in eqns for o in e.outputs}
+    external = [
+        i
+        for e in eqns
+        for i in e.inputs
+        if isinstance(i, _jaxpr.FlatVar) and i is not source and i not in produced
+    ]
+    sub = _jaxpr.FlatProgram((source,), (result,), tuple(eqns))
+    try:
+        with jax.ensure_compile_time_eval():
+            env = _network._evaluate_pure(program, kind, external)  # noqa: SLF001
+            probes = jnp.asarray(_activations.PROBE_POINTS, dtype=source.dtype)
+            values = jax.vmap(lambda p: _jaxpr.evaluate(sub, (jnp.full(source.shape, p, source.dtype),), dict(env))[0])(
+                probes
+            )
+            values = np.asarray(values).reshape(len(probes), -1)
+    except Exception:  # noqa: BLE001 - an unusual segment: fall back to its primitives' rules
+        return None
+    if not np.all(values == values[:, :1]):
+        return None
+    return _activations.recognize(values[:, 0], source.dtype)
+
+
+def _where(eqn: _jaxpr.FlatEqn) -> str:
+    return f"`{eqn.name}`" + (f" in {eqn.where}" if eqn.where else "")
+
+
+def unsupported(eqn: _jaxpr.FlatEqn, why: str = "") -> UnsupportedModelError:
+    detail = f" ({why})" if why else ""
+    return UnsupportedModelError(
+        f"the Taylor engine has no rule for the primitive {_where(eqn)} on the input-dependent path{detail}. "
+        f"Use method='nested' or method='jet', which work on any model, or method='auto', which picks one."
+    )
+
+
+_INDEX_OPERANDS = {
+    jax.lax.gather_p: (1,),
+    jax.lax.dynamic_slice_p: None,  # every operand after the first
+    jax.lax.dynamic_update_slice_p: None,  # every operand after the second
+}
+
+
+def _check_indices(eqn, ins) -> None:
+    prim = eqn.primitive
+    if prim not in _INDEX_OPERANDS:
+        return
+    if prim is jax.lax.gather_p:
+        positions = (1,)
+    elif prim is jax.lax.dynamic_slice_p:
+        positions = tuple(range(1, len(ins)))
+    else:
+        positions = tuple(range(2, len(ins)))
+    if any(isinstance(ins[i], Poly) for i in positions):
+        raise unsupported(eqn, "an index that depends on the input")
+
+
+def run(
+    program: _jaxpr.FlatProgram,
+    consts,
+    x: jax.Array,
+    order: int,
+    counter: Counter | None = None,
+    fast_path: bool = True,
+) -> list:
+    """Evaluate ``program`` at one point ``x`` (m,) on Taylor polynomials of order ``order``.
+
+    ``consts``: values of every input but the last (the parameters). Returns, per program
+    output, a :class:`Poly` (live) or a plain value.
+    """
+    counter = counter or Counter()
+    m = x.shape[0]
+    env: dict[Any, Any] = dict(zip(program.inputs[:-1], consts))
+    env[program.inputs[-1]] = _poly.variable(x, order)
+    segs, skipped = segments(program) if fast_path else ({}, frozenset())
+
+    def read(op):
+        return op.value if isinstance(op, _jaxpr.FlatLiteral) else env[op]
+
+    for idx, eqn in enumerate(program.eqns):
+        if idx in skipped:
+            seg = segs.get(idx)
+            if seg is not None:
+                u = env[seg.source]
+                derivs = seg.activation.derivatives(u.value, order)
+                if u.is_constant():
+                    env[seg.result] = _poly.constant(derivs[0], m, order)
+                else:
+                    env[seg.result] = _poly.compose(u, _poly.derivative_coefficients(derivs))
+            continue
+        ins = [read(i) for i in eqn.inputs]
+        live = [a for a in ins if isinstance(a, Poly)]
+        if not live:
+            outs = _jaxpr.bind(eqn, ins)
+        elif all(p.is_constant() or not jnp.issubdtype(p.dtype, jnp.inexact) for p in live):
+            # No live operand varies to first order: neither do the outputs.
+            values = _jaxpr.bind(eqn, [a.value if isinstance(a, Poly) else a for a in ins])
+            outs = [_poly.constant(v, m, order) for v in values]
+        else:
+            rule = _rules.RULES.get(eqn.primitive)
+            if rule is None:
+                raise unsupported(eqn)
+            _check_indices(eqn, ins)
+            outs = rule(eqn, ins, counter)
+        for var, out in zip(eqn.outputs, outs):
+            env[var] = out
+    return [read(o) for o in program.outputs]

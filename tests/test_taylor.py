@@ -1,0 +1,258 @@
+"""The Taylor engine: closed-form activations to order 6, the engine against the order-3
+kernels on the existing case tables, random programs against nested AD, and refusals."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nnderiv
+from nnderiv import _taylor
+from nnderiv._taylor import _tables
+from nnderiv.methods.analytic import forward_method, fwdrev_method
+
+from . import _models, _reference
+from .helpers import assert_derivatives_close, relative_error
+from .test_activations import POINTS, SATURATING
+
+ORDER = 6
+
+
+def _mp_derivatives(name: str, z: float, k: int) -> list[float]:
+    fn = _reference.activation_mp(name)
+    digits = 700 if abs(z) >= 20 else 80
+    with mpmath.workdps(digits):
+        return [float(mpmath.diff(fn, mpmath.mpf(z), j)) for j in range(k + 1)]
+
+
+@pytest.mark.parametrize("name", SATURATING + ["sin", "cos", "exp"])
+def test_closed_forms_to_order_6_match_mpmath(name):
+    act = nnderiv.ACTIVATIONS[name]
+    assert act.closed_form
+    points = [z for z in POINTS if abs(z) <= 300 or name in ("tanh", "sigmoid", "softplus", "silu")]
+    if name == "gelu_erf":
+        points = [z for z in points if abs(z) < 20]  # erfc at 700 digits is slow (order 3 covers the tails)
+    for z in points:
+        if name == "exp" and z > 700 or name in ("sin", "cos") and abs(z) > 100:
+            continue
+        got = [float(v) for v in act.derivatives(np.float64(z), ORDER)]
+        expected = _mp_derivatives(name, z, ORDER)
+        # gelu_tanh composes two series (sigmoid of a cubic): a few more ulps there.
+        rtol = 1e-12 if name == "gelu_tanh" else 2e-13
+        for k, (g, e) in enumerate(zip(got, expected)):
+            assert np.isfinite(g), f"{name}^({k})({z}) = {g}"
+            floor = 1e-60 if abs(z) < 20 else 1e-300
+            assert abs(g - e) <= rtol * abs(e) + floor, f"{name}^({k})({z}): {g!r} vs {e!r}"
+
+
+def test_closed_forms_at_order_3_agree_with_the_kernels_taylor():
+    z = jnp.asarray(POINTS)
+    for name, act in nnderiv.ACTIVATIONS.items():
+        for a, b in zip(act.derivatives(z, 3), act.taylor(z)):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-300, err_msg=name)
+
+
+def test_generic_activation_derivatives_any_order():
+    from nnderiv._activations import generic
+
+    act = generic(lambda z: jnp.arctan(z) * jnp.exp(-0.5 * z))
+    z = jnp.linspace(-2.0, 2.0, 7)
+    got = act.derivatives(z, 4)
+    f = lambda u: jnp.arctan(u) * jnp.exp(-0.5 * u)  # noqa: E731
+    for k in range(5):
+        np.testing.assert_allclose(got[k], jax.vmap(f)(z), rtol=1e-12)
+        f = jax.grad(f) if k == 0 else (lambda g: jax.grad(lambda u: g(u)))(f)
+
+
+def test_product_tables_are_cauchy_products():
+    m = 3
+    for i, l in ((1, 1), (1, 2), (2, 2), (1, 4)):
+        ia, ib, mask = _tables.product_table(m, i, l)
+        ea, eb, eg = _tables.exponents(m, i), _tables.exponents(m, l), _tables.exponents(m, i + l)
+        for g in range(len(eg)):
+            pairs = {(int(a), int(b)) for a, b, w in zip(ia[g], ib[g], mask[g]) if w}
+            want = {(a, b) for a in range(len(ea)) for b in range(len(eb)) if (ea[a] + eb[b] == eg[g]).all()}
+            assert pairs == want
+
+
+# --- the engine against the order-3 kernels, on the case tables of test_methods ---
+
+
+def _engine_and_kernels(net, x, order):
+    @jax.jit
+    def run(u):  # one compilation for all four
+        return [tuple(f(net, u, order)) for f in (_taylor.forward, _taylor.fwdrev, forward_method, fwdrev_method)]
+
+    return run(x)
+
+
+# A subset of test_methods' activation table (closed forms, piecewise, generic), to keep
+# CI time in check; every activation passes.
+@pytest.mark.parametrize("activation", ["tanh", "softplus", "silu", "gelu_erf", "relu", "elu"])
+def test_engine_matches_the_kernels(activation):
+    case = _models.linen_mlp(3, [8, 8], 2, activation, seed=1)
+    eng_f, eng_r, old_f, old_r = _engine_and_kernels(case.net(), _models.points(3, (4,)), 3)
+    for label, got in (("engine forward", eng_f), ("engine fwdrev", eng_r), ("kernel fwdrev", old_r)):
+        assert_derivatives_close(got, old_f, 1e-10, f"{activation} {label} vs kernel forward")
+
+
+@pytest.mark.parametrize("m,depth,n", [(1, 0, 1), (5, 1, 3)])
+def test_engine_matches_the_kernels_on_shapes(m, depth, n):
+    case = _models.linen_mlp(m, [6] * depth, n, ["tanh", "silu", "gelu_erf", "softplus"][:depth], seed=m + depth)
+    eng_f, eng_r, old_f, _ = _engine_and_kernels(case.net(), _models.points(m, (3,)), 3)
+    assert_derivatives_close(eng_f, old_f, 1e-10, "engine forward")
+    assert_derivatives_close(eng_r, old_f, 1e-10, "engine fwdrev")
+
+
+def test_activation_segments_are_recognised():
+    """silu written as x * sigmoid(x), and jax.nn.softplus (logaddexp): one closed-form step each."""
+    net = _models.linen_mlp(2, [4, 4], 1, ["silu", "softplus"], seed=0).net()
+    program = nnderiv._network.trace_program(net, 2, jnp.float64)
+    found, _ = _taylor.segments(program)
+    assert sorted(s.activation.name for s in found.values()) == ["silu", "softplus"]
+
+
+# --- random programs of supported primitives, against nested AD ---
+
+UNARY = {
+    "tanh": jnp.tanh,
+    "sin": jnp.sin,
+    "exp_small": lambda u: jnp.exp(0.3 * u),
+    "log1p_sq": lambda u: jnp.log1p(u * u),
+    "sqrt": lambda u: jnp.sqrt(1.5 + jnp.sin(u)),
+    "sigmoid": jax.nn.sigmoid,
+    "erf": jax.lax.erf,
+    "recip": lambda u: 1.0 / (2.0 + jnp.cos(u)),
+    "pow": lambda u: (1.2 + jnp.tanh(u)) ** 1.7,
+    "relu": jax.nn.relu,
+    "abs": jnp.abs,
+    "cube": lambda u: u**3,
+    "softplus": jax.nn.softplus,
+}
+BINARY = {
+    "add": jnp.add,
+    "mul": jnp.multiply,
+    "sub": jnp.subtract,
+    "max": jnp.maximum,
+    "where": lambda a, b: jnp.where(a > b, a * b, a - b),
+    "div": lambda a, b: a / (1.5 + b * b),
+}
+
+
+@st.composite
+def programs(draw):
+    m = draw(st.integers(1, 3))
+    steps = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("unary"), st.sampled_from(sorted(UNARY))),
+                st.tuples(st.just("binary"), st.sampled_from(sorted(BINARY))),
+                st.tuples(st.just("dense"), st.integers(1, 4)),
+                st.tuples(st.just("reduce"), st.just("")),
+                st.tuples(st.just("concat"), st.just("")),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    order = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    return m, steps, order, seed
+
+
+def _build(m, steps, seed):
+    rng = np.random.default_rng(seed)
+
+    def f(params, x):
+        values = [x]
+        for i, (kind, what) in enumerate(steps):
+            u = values[-1]
+            if kind == "unary":
+                values.append(UNARY[what](u))
+            elif kind == "binary":
+                other = values[rng_choice[i] % len(values)]
+                size = min(u.shape[0], other.shape[0])
+                values.append(BINARY[what](u[:size], other[-size:]))
+            elif kind == "dense":
+                values.append(u @ params[i] + 0.1)
+            elif kind == "reduce":
+                values.append(jnp.sum(u * u, keepdims=True) / u.shape[0] + u)
+            else:
+                values.append(jnp.concatenate([u, values[0][:1]]))
+        return jnp.sum(values[-1]) * jnp.ones(2) + values[-1][:1]
+
+    rng_choice = rng.integers(0, 100, size=len(steps))
+    params, width = [], m
+    shapes = []
+    for kind, what in steps:
+        if kind == "dense":
+            params.append(jnp.asarray(rng.normal(size=(width, what)) / np.sqrt(width)))
+            width = what
+        else:
+            params.append(jnp.zeros(()))
+            width = width + 1 if kind == "concat" else width
+        shapes.append(width)
+    return nnderiv.from_function(f, params, input_dim=m)
+
+
+@settings(max_examples=6)
+@given(programs())
+def test_random_programs_against_nested(prog):
+    m, steps, order, seed = prog
+    net = _build(m, steps, seed)
+    x = 0.8 * jax.random.normal(jax.random.PRNGKey(seed), (2, m), jnp.float64)
+    expected = nnderiv.derivs_fn(net, order=order, method="nested", layout="packed")(x)
+    for algorithm in (_taylor.forward, _taylor.fwdrev):
+        got = jax.jit(lambda u, a=algorithm: tuple(a(net, u, order)))(x)
+        for k in range(order + 1):
+            err = relative_error(got[k], expected[k])
+            assert err <= 1e-9, f"{steps} {algorithm.__name__}: order {k} differs by {err:.2e}"
+
+
+# --- refusals ---
+
+
+def _refused(fn, match):
+    net = nnderiv.from_function(fn, jnp.ones((2, 3)), input_dim=2)
+    with pytest.raises(nnderiv.UnsupportedModelError, match=match):
+        nnderiv.derivatives(net, jnp.ones((1, 2)), order=2, method="analytic")
+    # auto falls back to nested AD on the same model
+    d = nnderiv.derivatives(net, jnp.ones((1, 2)), order=2, method="auto")
+    assert d.hessian.shape == (1, 3, 2, 2)
+
+
+def test_live_loop_carry_is_refused():
+    def f(p, x):
+        h = jnp.tanh(x @ p)
+        return jax.lax.fori_loop(0, 3, lambda i, c: jnp.sin(c), h)
+
+    _refused(f, r"`(while|scan)`")
+
+
+def test_live_index_is_refused():
+    def f(p, x):
+        h = jnp.tanh(x @ p)
+        return h[jnp.argmax(h)] * h
+
+    _refused(f, r"`argmax`")
+
+
+def test_constant_control_flow_is_evaluated():
+    """Loops and argmax that do not depend on the input are fine."""
+
+    def f(p, x):
+        w = jax.lax.fori_loop(0, 3, lambda i, c: c * 1.1, p)
+        k = jnp.argmax(p[0])
+        return jnp.tanh(x @ w) * p[1, k]
+
+    net = nnderiv.from_function(f, jnp.arange(6.0).reshape(2, 3) / 6, input_dim=2)
+    x = jnp.array([[0.3, -0.2]])
+    got = nnderiv.derivatives(net, x, order=4, method="analytic")
+    want = nnderiv.derivatives(net, x, order=4, method="nested")
+    for k in range(5):
+        np.testing.assert_allclose(got.derivative(k), want.derivative(k), rtol=1e-12, atol=1e-15)
