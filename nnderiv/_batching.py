@@ -60,20 +60,35 @@ def _pad_rows(x, rows: int):
     return jnp.concatenate([x, jnp.zeros((rows, *x.shape[1:]), x.dtype)])
 
 
-def map_chunks(fn: Callable, x: jax.Array, batch_size: int | None):
-    """``fn(x)`` for a batch ``x`` (B, m), evaluated ``batch_size`` rows at a time.
+def over_chunks(fn: Callable, x: jax.Array, chunk: int | None, pad: bool = False):
+    """``fn(x)`` for a batch ``x`` (B, m), evaluated ``chunk`` rows at a time (``lax.map``).
 
-    Traceable. The batch is padded with zero rows to a multiple of ``batch_size``; the
-    padding rows are computed and dropped (rows never interact, so they cannot change
-    the others).
+    The one chunker of nnderiv: traceable, for any pytree output with a leading batch axis.
+    With ``pad=False`` the full chunks run in the loop and the remainder in one call
+    after it (the kernels' cache-sized chunks); with ``pad=True`` the batch is padded
+    with zero rows to a multiple of ``chunk`` and the padding's results are dropped, so
+    only one chunk program exists (``batch_size=``; zeros create no NaN or inf, and rows
+    never interact, so padding cannot change the others).
     """
     batch = x.shape[0]
-    if batch_size is None or batch <= batch_size:
+    if chunk is None or batch <= chunk:
         return fn(x)
-    chunks = math.ceil(batch / batch_size)
-    xs = _pad_rows(x, chunks * batch_size - batch).reshape(chunks, batch_size, *x.shape[1:])
-    out = jax.lax.map(fn, xs)
-    return jax.tree_util.tree_map(lambda a: a.reshape(chunks * batch_size, *a.shape[2:])[:batch], out)
+    if pad:
+        chunks = math.ceil(batch / chunk)
+        xs = _pad_rows(x, chunks * chunk - batch).reshape(chunks, chunk, *x.shape[1:])
+        out = jax.lax.map(fn, xs)
+        return jax.tree_util.tree_map(lambda a: a.reshape(chunks * chunk, *a.shape[2:])[:batch], out)
+    full, rest = divmod(batch, chunk)
+    body = x[: full * chunk].reshape(full, chunk, *x.shape[1:])
+    mapped = jax.tree_util.tree_map(lambda a: a.reshape(full * chunk, *a.shape[2:]), jax.lax.map(fn, body))
+    if not rest:
+        return mapped
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), mapped, fn(x[full * chunk :]))
+
+
+def map_chunks(fn: Callable, x: jax.Array, batch_size: int | None):
+    """``fn(x)`` evaluated ``batch_size`` rows at a time, padded: one chunk program (see :func:`over_chunks`)."""
+    return over_chunks(fn, x, batch_size, pad=True)
 
 
 def shard_batch(fn: Callable, x: jax.Array, mesh: Mesh, batch_size: int | None):

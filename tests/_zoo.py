@@ -36,8 +36,12 @@ def _mlp(params, x, act=jnp.tanh):
 def residual(m=2, width=5, seed=0):
     """Two residual tanh blocks: h <- h + tanh(W h + b)."""
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    params = {"inp": _dense(k[0], m, width), "b1": _dense(k[1], width, width), "b2": _dense(k[2], width, width),
-              "out": _dense(k[3], width, 2)}
+    params = {
+        "inp": _dense(k[0], m, width),
+        "b1": _dense(k[1], width, width),
+        "b2": _dense(k[2], width, width),
+        "out": _dense(k[3], width, 2),
+    }
 
     def f(p, x):
         h = jnp.tanh(x @ p["inp"]["w"] + p["inp"]["b"])
@@ -51,7 +55,10 @@ def residual(m=2, width=5, seed=0):
 def fourier(m=2, features=3, width=5, seed=1):
     """Fourier features: [sin(Bx), cos(Bx)] concatenated, then a tanh MLP (the PINN input layer)."""
     k = jax.random.split(jax.random.PRNGKey(seed), 2)
-    params = {"B": jax.random.normal(k[0], (m, features), jnp.float64), "mlp": _mlp_params(k[1], [2 * features, width, 1])}
+    params = {
+        "B": jax.random.normal(k[0], (m, features), jnp.float64),
+        "mlp": _mlp_params(k[1], [2 * features, width, 1]),
+    }
 
     def f(p, x):
         z = 2.0 * jnp.pi * x @ p["B"]
@@ -63,8 +70,13 @@ def fourier(m=2, features=3, width=5, seed=1):
 def normalised(m=2, width=6, seed=2):
     """Standardised inputs and de-scaled outputs around a softplus MLP."""
     k = jax.random.split(jax.random.PRNGKey(seed), 2)
-    params = {"mu": jnp.arange(m, dtype=jnp.float64) * 0.3, "sd": 1.0 + jnp.arange(m, dtype=jnp.float64),
-              "mlp": _mlp_params(k[0], [m, width, width, 2]), "scale": jnp.array([2.0, 0.5]), "shift": jnp.array([1.0, -3.0])}
+    params = {
+        "mu": jnp.arange(m, dtype=jnp.float64) * 0.3,
+        "sd": 1.0 + jnp.arange(m, dtype=jnp.float64),
+        "mlp": _mlp_params(k[0], [m, width, width, 2]),
+        "scale": jnp.array([2.0, 0.5]),
+        "shift": jnp.array([1.0, -3.0]),
+    }
 
     def f(p, x):
         return _mlp(p["mlp"], (x - p["mu"]) / p["sd"], jax.nn.softplus) * p["scale"] + p["shift"]

@@ -12,8 +12,8 @@ import json
 import pytest
 
 import nnderiv
-from nnderiv import _bench as bench
 from nnderiv import cli
+from nnderiv.bench import _suite as bench
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,7 @@ def test_the_process_keeps_one_calibration_per_dtype(cache_dir):
 
 
 def test_bench_calibrate_says_what_was_in_use_and_writes_the_cache(cache_dir, capsys):
-    from nnderiv import _bench
+    from nnderiv import bench as _bench
 
     path, calls, fake = cache_dir
     assert _calibration.calibrate("float64", measure=False).source == "default"  # a look measures nothing

@@ -22,14 +22,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _jaxpr, _network
+from .. import _batching, _jaxpr, _network
 from .._derivatives import Derivatives
 from . import _engine, _poly, _tables
 from ._engine import Counter, UnsupportedModelError, run, segments
 from ._poly import Poly
 from ._rules import RULES
 
-__all__ = ["RULES", "Counter", "UnsupportedModelError", "forward", "fwdrev", "jacobian_program", "work", "run", "segments"]
+__all__ = [
+    "RULES",
+    "Counter",
+    "UnsupportedModelError",
+    "forward",
+    "fwdrev",
+    "jacobian_program",
+    "work",
+    "run",
+    "segments",
+]
 
 
 def jacobian_program(net: _network.Network, m: int, dtype) -> _jaxpr.FlatProgram:
@@ -112,18 +122,8 @@ def chunk_size(program: _jaxpr.FlatProgram, m: int, order: int, itemsize: int, b
 
 
 def _batched(point_fn, x: jax.Array, chunk: int) -> list:
-    """``vmap(point_fn)`` over the batch ``x`` (B, m), ``chunk`` points at a time (``lax.map``)."""
-    batch = x.shape[0]
-    if chunk >= batch:
-        return jax.vmap(point_fn)(x)
-    full, rest = divmod(batch, chunk)
-    body = x[: full * chunk].reshape(full, chunk, x.shape[-1])
-    mapped = jax.lax.map(jax.vmap(point_fn), body)
-    mapped = [a.reshape(full * chunk, *a.shape[2:]) for a in mapped]
-    if not rest:
-        return mapped
-    tail = jax.vmap(point_fn)(x[full * chunk :])
-    return [jnp.concatenate([a, b]) for a, b in zip(mapped, tail)]
+    """``vmap(point_fn)`` over the batch ``x`` (B, m), ``chunk`` points at a time."""
+    return _batching.over_chunks(jax.vmap(point_fn), x, chunk)
 
 
 def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:

@@ -168,10 +168,7 @@ def _find_segments(program):
 def _identify(program, kind, eqns, source, result) -> _activations.Activation | None:
     produced = {o for e in eqns for o in e.outputs}
     external = [
-        i
-        for e in eqns
-        for i in e.inputs
-        if isinstance(i, _jaxpr.FlatVar) and i is not source and i not in produced
+        i for e in eqns for i in e.inputs if isinstance(i, _jaxpr.FlatVar) and i is not source and i not in produced
     ]
     sub = _jaxpr.FlatProgram((source,), (result,), tuple(eqns))
     try:

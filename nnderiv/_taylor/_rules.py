@@ -92,7 +92,10 @@ def _linear(eqn, ins, additive=(), kept=()):
         result = jax.vmap(lambda *xs: _bind(eqn, xs), in_axes=tuple(axes))(*args)
         for blocks, r in zip(out_blocks, result):
             blocks.append(r)
-    return [Poly(b, m) if jnp.issubdtype(jnp.result_type(b[0]), jnp.inexact) else _poly.constant(b[0], m, order) for b in out_blocks]
+    return [
+        Poly(b, m) if jnp.issubdtype(jnp.result_type(b[0]), jnp.inexact) else _poly.constant(b[0], m, order)
+        for b in out_blocks
+    ]
 
 
 def deflinear(prim, additive: Callable[[_jaxpr.FlatEqn], tuple] | tuple = (), kept: tuple = ()) -> None:
@@ -388,11 +391,7 @@ def _pow(eqn, ins, ctx):
         # u^c = exp(c log u).
         log_u = _poly.compose(base, _log_like(0.0, jnp.log)(base.value, base.order, eqn))
         return [_exp_of(_linear_scale(log_u, c))]
-    log_b = (
-        _poly.compose(base, _log_like(0.0, jnp.log)(base.value, base.order, eqn))
-        if _differentiable(base)
-        else None
-    )
+    log_b = _poly.compose(base, _log_like(0.0, jnp.log)(base.value, base.order, eqn)) if _differentiable(base) else None
     if log_b is None:  # c^v = exp(v log c)
         return [_exp_of(_linear_scale(expo, jnp.log(_value(base))))]
     return [_exp_of(_poly.bilinear(expo, log_b))]
@@ -463,7 +462,13 @@ ELEMENTWISE.update({lax.max_p, lax.min_p})
 def _abs(eqn, ins, ctx):
     (u,) = ins
     sign = jnp.sign(u.value)
-    return [Poly([jnp.abs(u.value)] + [None if b is None else b * sign[None] if sign.ndim else b * sign for b in u.blocks[1:]], u.m)]
+    return [
+        Poly(
+            [jnp.abs(u.value)]
+            + [None if b is None else b * sign[None] if sign.ndim else b * sign for b in u.blocks[1:]],
+            u.m,
+        )
+    ]
 
 
 RULES[lax.abs_p] = _abs

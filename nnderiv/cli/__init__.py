@@ -94,7 +94,8 @@ _EPILOGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``nnderiv`` command (no side effects)."""
-    from .. import __version__, _bench
+    from .. import __version__
+    from .. import bench as _bench
 
     parser = argparse.ArgumentParser(
         prog="nnderiv",
@@ -239,7 +240,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from .. import _bench
+    from .. import bench as _bench
 
     return _bench.run(args, args.argv[1:])
 

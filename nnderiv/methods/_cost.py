@@ -96,8 +96,14 @@ class Plan:
 
 
 def columns(algorithm: str, m: int, n: int, order: int) -> int:
-    """Columns per point that ``algorithm`` pushes through each layer at ``order`` >= 1."""
+    """Columns per point that ``algorithm`` pushes through each layer at ``order`` >= 1.
+
+    ``"jet"`` (never auto's pick, here for the benchmark's estimates): ``C(m+k-1, k)``
+    directions, each carrying ``k + 1`` series terms.
+    """
     order = max(order, 1)
+    if algorithm == "jet":
+        return (order + 1) * comb(m + order - 1, order)
     if algorithm == "forward":
         return comb(m + order, order)
     if algorithm == "fwdrev":
@@ -131,6 +137,24 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int) -> dict[
         matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     return out
+
+
+def estimated_seconds(
+    algorithm: str,
+    layers: Sequence[tuple[int, int]],
+    m: int,
+    n: int,
+    order: int,
+    dtype,
+    batch: int = 1024,
+    rates: _calibration.Rates | None = None,
+) -> float:
+    """Predicted seconds per point of any algorithm, ``"jet"`` included (as nested AD's code
+    with jet's columns: a rough figure, for deciding what to skip, not for choosing)."""
+    if algorithm in ALGORITHMS:
+        return predicted_seconds(layers, m, n, order, dtype, batch, rates)[algorithm]
+    nested = predicted_seconds(layers, m, n, order, dtype, batch, rates)["nested"]
+    return nested * columns(algorithm, m, n, order) / columns("nested", m, n, order)
 
 
 def predicted_seconds(

@@ -10,9 +10,8 @@ runs the Taylor engine (``nnderiv._taylor``), which raises
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from .. import _network, _taylor
+from .. import _batching, _network, _taylor
 from .._derivatives import Derivatives
 from . import _cost
 from .forward import forward_stack, unpack
@@ -50,18 +49,8 @@ def _run(kernel: str, stages, x: jax.Array, n: int, order: int) -> Derivatives:
 
 
 def _chunked(kernel: str, stages, x: jax.Array, n: int, order: int, chunk: int) -> Derivatives:
-    """Run over the batch in chunks of ``chunk`` points (``lax.map``), to stay in cache."""
-    batch = x.shape[0]
-    if chunk >= batch:
-        return _run(kernel, stages, x, n, order)
-    full, rest = divmod(batch, chunk)
-    body = x[: full * chunk].reshape(full, chunk, x.shape[-1])
-    mapped = jax.lax.map(lambda xs: _run(kernel, stages, xs, n, order), body)
-    mapped = jax.tree_util.tree_map(lambda a: a.reshape(full * chunk, *a.shape[2:]), mapped)
-    if not rest:
-        return mapped
-    tail = _run(kernel, stages, x[full * chunk :], n, order)
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), mapped, tail)
+    """Run over the batch in chunks of ``chunk`` points, to stay in cache."""
+    return _batching.over_chunks(lambda xs: _run(kernel, stages, xs, n, order), x, chunk)
 
 
 def engine_choice(net, m: int, dtype, order: int) -> str:

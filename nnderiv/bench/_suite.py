@@ -36,7 +36,6 @@ import platform
 import re
 import resource
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,10 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _tolerance
-from ._mlp import ACTIVATION_FUNCTIONS
-
-ROOT = Path(__file__).resolve().parents[1]  # the source tree, when run from one (git info)
+from .. import _tolerance
+from .._mlp import MLP
 
 SCHEMA = "nnderiv-bench/1"
 FIELDS = ("value", "jacobian", "hessian", "third")
@@ -62,15 +59,10 @@ FORWARD_PASS = "forward_pass"  # the plain jitted forward pass of the latency se
 COMPETITORS = ("nested", "jet", BASELINE)
 DTYPES = ("float64", "float32")
 
-#: Benchmark activation names, from the package's one table (``gelu``: Flax's default, the tanh form).
-ACTIVATIONS = {name: ACTIVATION_FUNCTIONS[name] for name in ("tanh", "softplus", "silu", "gelu")}
 
 # Agreement with nested AD: the package's one metric and tolerance table (by dtype and order).
 RTOL = _tolerance.RTOL
 
-# Crude cost model, used only to decide whether a call needs a probe before running it
-# (see run_config): seconds per (pass x forward flop) on a 2-core CPU, from measurements.
-_CRUDE_S_PER_FLOP = {"float64": 6e-11, "float32": 3e-11}
 PROBE_MARGIN = 1.5
 
 
@@ -203,21 +195,7 @@ QUICK_SCAN_NETS = [Config(3, 16, 2, 1, 1, "tanh")]
 # Models, inputs, the baseline
 
 
-class BenchMLP(nn.Module):
-    """``depth`` hidden ``Dense`` layers with one activation, then a ``Dense`` output layer."""
-
-    widths: tuple[int, ...]
-    activation: str
-    out: int
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.widths:
-            x = ACTIVATIONS[self.activation](nn.Dense(width)(x))
-        return nn.Dense(self.out)(x)
-
-
-def _variables(module: BenchMLP, m: int, seed: int = 0, scale: float = 1.5) -> dict:
+def _variables(module: nn.Module, m: int, seed: int = 0, scale: float = 1.5) -> dict:
     """Weights ~ N(0, scale^2 / fan_in): pre-activations O(1), so every activation is exercised
     away from its linear regime (as in a trained net), not near zero as with Flax's init."""
     shapes = module.init(jax.random.PRNGKey(seed), jnp.ones(m))["params"]
@@ -236,13 +214,13 @@ _CASES: dict = {}
 
 
 def build_net(cfg: Config, dtype: str):
-    """The ``nnderiv.Network`` of ``cfg`` (a :class:`BenchMLP`) in ``dtype``."""
+    """The ``nnderiv.Network`` of ``cfg`` (an :class:`nnderiv.MLP`) in ``dtype``."""
     import nnderiv
 
     key = (cfg.m, cfg.widths, cfg.n, cfg.activation)
     if key not in _CASES:
         _CASES.clear()  # one architecture at a time: keeps memory flat
-        module = BenchMLP(cfg.widths, cfg.activation, cfg.n)
+        module = MLP(cfg.widths, cfg.n, cfg.activation)
         _CASES[key] = (module, _variables(module, cfg.m))
     module, variables = _CASES[key]
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), variables)
@@ -410,14 +388,15 @@ def merge_gemm(first: dict, second: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Cost model: the floor, and the crude estimate that decides about probing and skipping
+# The floor, and the cost model's estimate that decides about probing and skipping
 
 
 def floor_terms(cfg: Config) -> dict[str, Any]:
     """K and the matmul flops of the cheaper symmetric algorithm (see README)."""
-    m, n = cfg.m, cfg.n
-    k_forward = math.comb(m + 3, 3)  # value + all unique partials to order 3
-    k_fwdrev = (1 + n) * math.comb(m + 2, 2)  # forward to order 2, reverse per output
+    from nnderiv.methods import _cost
+
+    k_forward = _cost.columns("forward", cfg.m, cfg.n, 3)  # value + all unique partials to order 3
+    k_fwdrev = _cost.columns("fwdrev", cfg.m, cfg.n, 3)  # forward to order 2, reverse per output
     k = min(k_forward, k_fwdrev)
     macs = sum(i * o for i, o in cfg.layers[1:])
     return {
@@ -441,26 +420,29 @@ def kernel_flops(cfg: Config) -> dict[str, float]:
     return out
 
 
-def _passes(method: str, cfg: Config) -> float:
-    """Rough number of forward-pass equivalents per point (for the crude estimate only)."""
-    m, n = cfg.m, cfg.n
-    if method == REFERENCE:
-        return n * (m * m + m + 1)
-    if method == BASELINE:
-        return n * (m * m + 2 * m + 3)
-    if method == "jet":
-        return 4 * math.comb(m + 2, 3)
-    return math.comb(m + 3, 3)  # the analytic kernels carry the full packed stack
+# What each benchmarked callable runs, in the cost model's terms (auto: its cheapest).
+_ALGORITHM_OF = {BASELINE: "nested", "jet": "jet", "forward": "forward", "fwdrev": "fwdrev", "nested": "nested"}
 
 
-def crude_estimate(method: str, cfg: Config, dtype: str) -> tuple[float, float]:
-    """(seconds per call, bytes of the largest intermediate) by a deliberately rough model."""
-    forward_flops = 2 * sum(i * o for i, o in cfg.layers) + 10 * sum(cfg.widths)
-    passes = _passes(method, cfg)
-    seconds = cfg.batch * passes * forward_flops * _CRUDE_S_PER_FLOP[dtype] + 1e-4
+def cost_estimate(method: str, cfg: Config, dtype: str) -> tuple[float, float]:
+    """(seconds per call, bytes of the largest intermediate) by the cost model of ``auto``.
+
+    Used only to decide whether a call needs a probe first, or is skipped as too slow or
+    too large; the cost model's rates are this machine's (see ``nnderiv bench --calibrate``).
+    """
+    from nnderiv.methods import _cost
+
+    if method in _ALGORITHM_OF:
+        algorithms = [_ALGORITHM_OF[method]]
+    else:  # auto, analytic: the cheaper of what they may run
+        algorithms = list(_cost.ANALYTIC if method == "analytic" else _cost.ALGORITHMS)
+    per_point = {a: _cost.estimated_seconds(a, cfg.layers, cfg.m, cfg.n, 3, dtype, cfg.batch) for a in algorithms}
+    algorithm = min(per_point, key=per_point.get)
     itemsize = jnp.dtype(dtype).itemsize
-    nbytes = 3 * cfg.batch * passes * max(cfg.width, cfg.n) * itemsize + cfg.batch * cfg.n * cfg.m**3 * itemsize
-    return seconds, nbytes
+    columns = _cost.columns(algorithm, cfg.m, cfg.n, 3)
+    # a few stacks of (batch, columns, width) live at once, and the full third tensor
+    nbytes = 3 * cfg.batch * columns * max(cfg.width, cfg.n) * itemsize + cfg.batch * cfg.n * cfg.m**3 * itemsize
+    return per_point[algorithm] * cfg.batch, nbytes
 
 
 # --------------------------------------------------------------------------------------
@@ -547,22 +529,22 @@ def run_config(cfg: Config, group: str, dtype: str, methods: list[str], gemm: di
     order = [REFERENCE] + [m for m in methods if m != REFERENCE] if REFERENCE in methods else list(methods)
     for method in order:
         rec: dict[str, Any] = {}
-        crude_s, crude_bytes = crude_estimate(method, cfg, dtype)
-        rec["crude_estimate_s"] = crude_s
+        est_s, est_bytes = cost_estimate(method, cfg, dtype)
+        rec["cost_model_estimate_s"] = est_s
         out = None
         try:
-            if crude_bytes > opts.max_mem_bytes:
+            if est_bytes > opts.max_mem_bytes:
                 rec.update(
                     status="skipped",
-                    reason=f"cost model: ~{crude_bytes / 2**30:.0f} GiB of intermediates",
-                    estimate_s=crude_s,
+                    reason=f"cost model: ~{est_bytes / 2**30:.0f} GiB of intermediates",
+                    estimate_s=est_s,
                 )
-            elif crude_s > 20 * opts.max_call_s:
-                rec.update(status="skipped", reason=f"cost model: ~{crude_s:.0f} s per call", estimate_s=crude_s)
+            elif est_s > 20 * opts.max_call_s:
+                rec.update(status="skipped", reason=f"cost model: ~{est_s:.0f} s per call", estimate_s=est_s)
             else:
                 fn = method_fn(net, method)
                 estimate = None
-                if crude_s > 0.3 * opts.max_call_s and cfg.batch > probe_n:
+                if est_s > 0.3 * opts.max_call_s and cfg.batch > probe_n:
                     xp = x[:probe_n]
                     jax.block_until_ready(fn(xp))
                     start = time.perf_counter()
@@ -832,7 +814,7 @@ class HardConstraintMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return x[0] * (1.0 - x[0]) * BenchMLP((self.width,) * self.depth, "tanh", self.out)(x)
+        return x[0] * (1.0 - x[0]) * MLP((self.width,) * self.depth, self.out, "tanh")(x)
 
 
 #: Models that are not plain MLPs, which the analytic engine takes and the old kernels did not.
@@ -987,14 +969,6 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:
         affinity = None
     device = jax.devices()[0]
-    git = {}
-    try:
-        run = lambda *a: subprocess.run(  # noqa: E731
-            ["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        git = {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        pass
     import jaxlib
 
     return {
@@ -1016,7 +990,6 @@ def machine_info() -> dict[str, Any]:
         "device": str(device),
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
-        "git": git,
     }
 
 
