@@ -140,6 +140,14 @@ class ResidualMLP(nn.Module):
         return nn.Dense(1)(h)
 
 
+class CumprodMLP(nn.Module):
+    """A model the Taylor engine refuses (jet takes it): a cumulative product on the input-dependent path."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1)(jnp.cumprod(nn.tanh(nn.Dense(6)(x))))
+
+
 def points(m: int, batch: tuple = (5,), seed: int = 7, scale: float = 1.0) -> jax.Array:
     return scale * jax.random.normal(jax.random.PRNGKey(seed), (*batch, m), jnp.float64)
 

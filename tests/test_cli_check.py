@@ -91,7 +91,7 @@ def test_checkpoint_architecture_from_metadata(capsys, saved):
     assert status == 0 and report["ok"], err
 
 
-def test_not_an_mlp_skips_the_analytic_family(capsys, tmp_path):
+def test_not_an_mlp_runs_the_analytic_family_on_the_engine(capsys, tmp_path):
     module = _models.ResidualMLP()
     variables = module.init(jax.random.PRNGKey(0), jnp.ones(3))
     path = nnderiv.save_checkpoint(tmp_path / "res.msgpack", variables)
@@ -102,10 +102,26 @@ def test_not_an_mlp_skips_the_analytic_family(capsys, tmp_path):
     assert not report["model"]["mlp"]
     assert report["domain"] == "standard normal"  # no metadata
     statuses = {row["method"]: row["status"] for row in report["methods"]}
-    assert statuses == {"auto": "ok", "analytic": "skipped", "forward": "skipped", "fwdrev": "skipped", "jet": "ok",
+    # A residual block is not an MLP, but every primitive in it has a rule: the engine runs it.
+    assert statuses == {"auto": "ok", "analytic": "ok", "forward": "ok", "fwdrev": "ok", "jet": "ok", "nested": "ok"}
+    assert report["methods"][0]["resolved"] in ("forward", "fwdrev", "nested")
+
+
+def test_a_primitive_without_a_forward_rule_skips_forward_and_analytic_runs_fwdrev(capsys, tmp_path):
+    module = _models.CumprodMLP()
+    variables = module.init(jax.random.PRNGKey(0), jnp.ones(3))
+    path = nnderiv.save_checkpoint(tmp_path / "cumprod.msgpack", variables)
+    status, report, err = _check(
+        capsys, "--checkpoint", str(path), "--module", "tests._models:CumprodMLP", "--points", "4", "--order", "2"
+    )
+    assert status == 0 and report["ok"], err
+    statuses = {row["method"]: row["status"] for row in report["methods"]}
+    # cumprod has no forward rule; the program of its jacrev (cumsums and products) has
+    # and "analytic" runs that one
+    assert statuses == {"auto": "ok", "analytic": "ok", "forward": "skipped", "fwdrev": "ok", "jet": "ok",
                         "nested": "ok"}  # fmt: skip
-    assert all("not an MLP" in row["reason"] for row in report["methods"] if row["status"] == "skipped")
-    assert report["methods"][0]["resolved"] == "nested"  # auto falls back to nested AD
+    assert all("cumprod" in row["reason"] for row in report["methods"] if row["status"] == "skipped")
+    assert report["methods"][0]["resolved"] in ("fwdrev", "nested")  # what the engine can run, or nested AD
 
 
 def test_disagreement_exits_1(capsys, monkeypatch):

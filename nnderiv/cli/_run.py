@@ -149,8 +149,8 @@ def run(
                 row.update(timings)
                 if forward_pass is not None:
                     row["relative_to_forward"] = row["per_point_us"] / forward_pass["per_point_us"]
-        except nnderiv.NotAnMLPError as err:
-            row.update(status="skipped", reason=f"not an MLP: {str(err).splitlines()[0]}")
+        except nnderiv.UnsupportedModelError as err:
+            row.update(status="skipped", reason=f"unsupported by the engine: {str(err).splitlines()[0]}")
         except Exception as err:  # noqa: BLE001 - reported, and fails the run
             row.update(status="error", reason=_error_text(err))
         rows.append(row)
@@ -189,7 +189,7 @@ def run(
             "description": description,
             "input_dim": m,
             "output_dim": None if reference is None else int(reference.value.shape[-1]),
-            "mlp": not any(row.get("reason", "").startswith("not an MLP") for row in rows),
+            "mlp": "not an MLP" not in description,
             "target": meta.get("target"),
         },
         "dtype": dtype.name,

@@ -62,8 +62,20 @@ def engine_choice(net, m: int, dtype, order: int) -> str:
 
 
 def _engine(net, x: jax.Array, order: int, kernel: str | None) -> Derivatives:
-    kernel = kernel or engine_choice(net, x.shape[-1], x.dtype, order)
-    return (_taylor.forward if kernel == "forward" else _taylor.fwdrev)(net, x, order)
+    algorithms = {"forward": _taylor.forward, "fwdrev": _taylor.fwdrev}
+    if kernel is not None:
+        return algorithms[kernel](net, x, order)
+    try:
+        first = engine_choice(net, x.shape[-1], x.dtype, order)
+    except _network.UnsupportedModelError:
+        first = "forward"
+    try:
+        return algorithms[first](net, x, order)
+    except _network.UnsupportedModelError:
+        # The other program may have rules for everything (jacrev turns a cumprod into
+        # sums and products); if neither has, its error names the primitive.
+        other = "fwdrev" if first == "forward" else "forward"
+        return algorithms[other](net, x, order)
 
 
 def _method(kernel: str | None):
