@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from . import _batching, _network
+from . import _batching, _native, _network
 from ._derivatives import Derivatives, expand_fields
 from .methods import METHODS
 
@@ -154,8 +154,9 @@ def derivatives(net: _network.Network, x, order: int = 3, method: str = "auto", 
 
 def _derivatives(net: _network.Network, x: jax.Array, order: int, method: str, layout: str) -> Derivatives:
     batch_shape, m = x.shape[:-1], x.shape[-1]
-    result = METHODS[method](net, x.reshape(-1, m), order)
-    if layout == "full":
+    with _native.layout_request(layout):  # the native kernel writes the full layout itself
+        result = METHODS[method](net, x.reshape(-1, m), order)
+    if layout == "full" and not _native.is_full(result):
         result = expand_fields(result, m)
     return Derivatives(*(None if f is None else f.reshape(*batch_shape, *f.shape[1:]) for f in result))
 

@@ -29,6 +29,8 @@ operands with one slice are shared).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import hashlib
@@ -292,7 +294,7 @@ def _rebuild(stages, params):
 
 def applies(stages, x, order: int) -> bool:
     """Whether :func:`native_derivatives` would run the native kernel (loads it if needed)."""
-    if order not in (1, 2, 3) or getattr(x, "ndim", None) != 2:
+    if _OFF.get() or order not in (1, 2, 3) or getattr(x, "ndim", None) != 2:
         return False
     if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         return False
@@ -343,6 +345,44 @@ def native_derivatives(stages, x, order: int, layout: str = "packed"):
         return out, tangent_out
 
     return fields(x, *params)
+
+
+# The layout the caller of a method will return. ``_api`` sets it around the method call,
+# so the native kernel writes full tensors directly (no gather ops after the custom call);
+# every other kernel returns packed fields and ``_api`` expands those.
+_LAYOUT: contextvars.ContextVar[str] = contextvars.ContextVar("nnderiv_native_layout", default="packed")
+
+
+@contextlib.contextmanager
+def layout_request(layout: str):
+    """Within the block, :func:`requested_layout` is ``layout``."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def requested_layout() -> str:
+    return _LAYOUT.get()
+
+
+_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("nnderiv_native_off", default=False)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, programs traced use the XLA kernels (A/B timings, tests)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
+def is_full(result) -> bool:
+    """Whether the Hessian/third fields of a flat-batch result are already full tensors."""
+    return any(f is not None and f.ndim >= 4 for f in tuple(result)[2:])
 
 
 __all__ = ["ACTIVATION_CODES", "build", "cache_dir", "load", "native_derivatives", "applies", "status"]
