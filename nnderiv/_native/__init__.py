@@ -152,7 +152,8 @@ def build(cxx: str | None = None, force: bool = False) -> Path:
         cmd = [cxx, *_flags(jax.ffi.include_dir()), str(SOURCES[0]), "-o", tmp]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
-            tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+            lines = (out.stderr or out.stdout).strip().splitlines()
+            tail = [ln for ln in lines if "error" in ln][:3] or lines[-3:]
             raise RuntimeError(f"`{Path(cxx).name}` failed (exit {out.returncode}): " + " | ".join(tail))
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same bytes
     finally:

@@ -156,6 +156,7 @@ struct Outputs {
 #pragma GCC target("avx2,fma")
 namespace nnd {
 namespace avx2 {
+constexpr bool kVectorExp = true;
 #include "mlp_taylor_impl.inc"
 }  // namespace avx2
 }  // namespace nnd
@@ -163,6 +164,7 @@ namespace avx2 {
 
 namespace nnd {
 namespace generic {
+constexpr bool kVectorExp = true;
 #include "mlp_taylor_impl.inc"
 }  // namespace generic
 }  // namespace nnd
