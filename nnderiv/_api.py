@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from . import _batching, _network
+from . import _batching, _native, _network
 from ._derivatives import Derivatives
 from ._shapes import Points
 from .methods import METHODS
@@ -229,9 +229,11 @@ def check_memory(net: _network.Network, batch: int, m: int, dtype, order: int, l
 def _derivatives(net: _network.Network, x: jax.Array, order: int, method: str, layout: str) -> Derivatives:
     batch_shape, m = x.shape[:-1], x.shape[-1]
     check_memory(net, math.prod(batch_shape), m, x.dtype, order, layout)
-    result = METHODS[method](net, x.reshape(-1, m), order)
-    # Every method returns packed tensors (orders >= 2 hold their unique entries).
-    result = Derivatives(*result, layout="packed", m=m)
+    with _native.layout_request(layout):  # the native kernel writes the full layout itself
+        result = METHODS[method](net, x.reshape(-1, m), order)
+    # Every method returns packed tensors (orders >= 2 hold their unique entries), except
+    # the native kernel asked for the full layout.
+    result = Derivatives(*result, layout="full" if _native.is_full(result) else "packed", m=m)
     if layout == "full":
         result = result.as_layout("full")
     return result.map(lambda f: f.reshape(*batch_shape, *f.shape[1:]))

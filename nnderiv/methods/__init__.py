@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .. import _network, _taylor
+from .. import _native, _network, _taylor
 from .._derivatives import Derivatives
 from . import _cost
 from .analytic import analytic_method, forward_method, fwdrev_method
@@ -28,7 +28,9 @@ def choose(net, m: int, dtype, order: int, batch: int = 1024) -> str:
     if isinstance(structure, str):
         return _choose_general(net, m, dtype, order)
     layers = [(s.fan_in, s.fan_out) for s in structure.stages if isinstance(s, _network.AffineStage)]
-    return _cost.choose(layers, m, structure.output_dim, order, structure.dtype, batch)
+    stages = _network.runtime_stages(net, structure, structure.dtype)
+    native = _native.applies(stages, _cost._ShapeOnly((batch, m), structure.dtype), order)
+    return _cost.choose(layers, m, structure.output_dim, order, structure.dtype, batch, native=native)
 
 
 def _choose_general(net, m: int, dtype, order: int) -> str:

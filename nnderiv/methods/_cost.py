@@ -113,10 +113,18 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
     raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
 
 
-def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int) -> dict[str, Work]:
+# The native kernel (``nnderiv._native``) runs forward as one op per call, its rule in the
+# same pass over a cache-resident tile as the matmul: measured 1.2-1.4x faster than the
+# XLA forward kernel on batches (benchmarks/native_ab.py), i.e. about half its
+# elementwise cost.
+_NATIVE_ELEMENTWISE = 0.5
+
+
+def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native: bool = False) -> dict[str, Work]:
     """Per algorithm: its :class:`Work` for one point.
 
-    ``layers`` lists the affine layers as (fan_in, fan_out), input layer first.
+    ``layers`` lists the affine layers as (fan_in, fan_out), input layer first;
+    ``native``: forward runs on the native kernel.
     """
     hidden = sum(o for _, o in layers[:-1])
     order = max(order, 1)
@@ -136,6 +144,9 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int) -> dict[
         flops = 2.0 * p / _MATMUL_EFFICIENCY[name]
         matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
+    if native:
+        f = out["forward"]
+        out["forward"] = Work(f.matmuls, f.elements * _NATIVE_ELEMENTWISE, 1.0)
     return out
 
 
@@ -165,15 +176,17 @@ def predicted_seconds(
     dtype,
     batch: int = 1024,
     rates: _calibration.Rates | None = None,
+    native: bool = False,
 ) -> dict[str, float]:
     """Predicted seconds *per point* of each algorithm on a batch of ``batch`` points.
 
-    ``rates``: the machine's (default: this machine's calibration, see ``_calibration``).
+    ``rates``: the machine's (default: this machine's calibration, see ``_calibration``);
+    ``native``: forward runs on the native kernel.
     """
     rates = rates or _calibration.current(dtype).rates
     batch = max(int(batch), 1)
     out = {}
-    for name, w in work(layers, m, n, order).items():
+    for name, w in work(layers, m, n, order, native).items():
         matmul_s = sum(flops / rates.matmul_rate(depth) for depth, flops in w.matmuls)
         out[name] = matmul_s + w.elements * rates.elementwise_s + w.ops * rates.op_s / batch
     return out
@@ -188,12 +201,25 @@ def choose(
     batch: int = 1024,
     rates: _calibration.Rates | None = None,
     among: Sequence[str] = ALGORITHMS,
+    native: bool = False,
 ) -> str:
     """The algorithm in ``among`` with the lowest predicted time (``"forward"`` at order 0)."""
     if order == 0:
         return "forward"  # a plain forward pass, whatever the method
-    costs = predicted_seconds(layers, m, n, order, dtype, batch, rates)
+    costs = predicted_seconds(layers, m, n, order, dtype, batch, rates, native)
     return min(among, key=costs.__getitem__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShapeOnly:
+    """The shape and dtype of a batch, for asking whether the native kernel applies."""
+
+    shape: tuple[int, int]
+    dtype: object
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 def _layers_of(stages) -> list[tuple[int, int]]:
@@ -204,8 +230,11 @@ def _layers_of(stages) -> list[tuple[int, int]]:
 
 def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | None) -> Plan:
     """The kernel (``kernel``, or the cheaper analytic one) and its chunk size for ``batch`` points."""
+    from .. import _native
+
     layers = _layers_of(stages)
-    costs = predicted_seconds(layers, m, n, order, dtype, batch)
+    native = _native.applies(stages, _ShapeOnly((batch, m), dtype), order)
+    costs = predicted_seconds(layers, m, n, order, dtype, batch, native=native)
     if kernel is None:
         kernel = min(ANALYTIC, key=costs.get)
     k = columns(kernel, m, n, order)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from .. import _batching, _network, _taylor
+from .. import _batching, _native, _network, _taylor
 from .._derivatives import Derivatives
 from . import _cost
 from .forward import forward_stack, unpack
@@ -86,6 +86,11 @@ def _method(kernel: str | None):
         stages = _network.runtime_stages(net, structure, structure.dtype)
         x = x.astype(structure.dtype)
         plan = _cost.plan(stages, x.shape[0], x.shape[-1], structure.output_dim, order, x.dtype, kernel)
+        if plan.kernel == "forward" and order > 0:
+            # The native kernel (one custom call, whole batch, tiles itself), if it applies.
+            native = _native.native_derivatives(stages, x, order, _native.requested_layout())
+            if native is not None:
+                return Derivatives(*native)
         return _chunked(plan.kernel, stages, x, structure.output_dim, order, plan.chunk)
 
     return run

@@ -1,0 +1,392 @@
+"""A native CPU kernel for the packed forward Taylor recursion, as one ``jax.ffi`` custom call.
+
+The XLA forward kernel (:mod:`nnderiv.methods.forward`) compiles to about 17 ops for one
+point; each op and each tiny matmul costs microseconds, which dominates single-point
+calls and ``lax.scan`` steps, and narrow nets are bound by XLA's elementwise passes. This
+package compiles ``mlp_taylor.cc`` (C++17, an XLA FFI handler) at first use with the
+system C++ compiler and runs the whole derivative computation of an MLP as one custom
+call: batch tiles that stay in cache, a register-blocked matmul micro-kernel (AVX2+FMA
+where the CPU has it, a baseline build otherwise, chosen at run time), the elementwise
+rule in the same pass, and a persistent thread pool over the batch.
+
+* The library is cached in ``$NNDERIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/nnderiv``, else
+  ``~/.cache/nnderiv`` (the calibration's directory), under a name keyed by a hash of the
+  source, jaxlib's version, the compiler's version and the platform; it is built under a
+  temporary name and renamed, so concurrent builds are safe.
+* ``NNDERIV_NATIVE=0`` disables it; ``$CXX`` names the compiler (else ``c++`` or ``g++``).
+* No compiler, a failed build or a failed load is never an error: the XLA kernels run,
+  and one warning per process says why. :func:`status` reports the state.
+* :func:`native_derivatives` is the hook the analytic methods call: it returns ``None``
+  where the kernel does not apply (another backend, an activation outside the closed-form
+  table, order 0, a dtype other than float32/float64, the kernel unavailable).
+
+Differentiation (gradients with respect to the parameters, as PINN training needs, or to
+``x``) goes through the XLA kernel: the custom call is wrapped in a ``jax.custom_jvp``
+whose tangent is the JVP of the XLA forward kernel. ``vmap`` is handled by the kernel
+itself (``vmap_method="expand_dims"``: extra leading dimensions are slices of the batch,
+operands with one slice are shared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import dataclasses
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from math import comb
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ENV_ENABLE = "NNDERIV_NATIVE"
+ENV_DIR = "NNDERIV_CACHE_DIR"
+TARGET = "nnderiv_mlp_taylor"
+_HERE = Path(__file__).resolve().parent
+SOURCES = (_HERE / "mlp_taylor.cc", _HERE / "mlp_taylor_impl.inc")
+
+#: Activation codes of the C++ kernel, by :class:`nnderiv._activations.Activation` name.
+ACTIVATION_CODES = {
+    "tanh": 0,
+    "sigmoid": 1,
+    "softplus": 2,
+    "silu": 3,
+    "gelu_tanh": 4,
+    "gelu_erf": 5,
+    "sin": 6,
+    "cos": 7,
+    "exp": 8,
+    "identity": 9,
+    "relu": 10,
+    "leaky_relu": 11,
+}
+
+
+@dataclasses.dataclass
+class _State:
+    checked: bool = False
+    available: bool = False
+    disabled: bool = False
+    reason: str = "not loaded yet"
+    path: str | None = None
+    isa: str | None = None
+    warned: bool = False
+    lib: object = None
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$NNDERIV_CACHE_DIR``, ``$XDG_CACHE_HOME/nnderiv`` or ``~/.cache/nnderiv``."""
+    explicit = os.environ.get(ENV_DIR)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nnderiv"
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return cxx
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _compiler_version(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"`{cxx} --version` failed (exit {out.returncode})")
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else cxx
+
+
+def _flags(include: str) -> list[str]:
+    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=fast", "-Wno-psabi", f"-I{include}"]
+
+
+def library_path(cxx: str) -> Path:
+    """The cache path of the library for this source, jaxlib, compiler and platform."""
+    import jaxlib
+
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    for part in (
+        jaxlib.__version__,
+        _compiler_version(cxx),
+        " ".join(_flags("")),
+        platform.system(),
+        platform.machine(),
+    ):
+        digest.update(b"\0" + part.encode())
+    return cache_dir() / "native" / f"mlp_taylor-{digest.hexdigest()[:20]}.so"
+
+
+def build(cxx: str | None = None, force: bool = False) -> Path:
+    """Compile the kernel into the cache (if not already there); returns the library path.
+
+    Raises on failure (no compiler, compile error); :func:`load` turns that into the
+    fallback and a warning.
+    """
+    cxx = cxx or _compiler()
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
+    path = library_path(cxx)
+    if path.exists() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *_flags(jax.ffi.include_dir()), str(SOURCES[0]), "-o", tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            lines = (out.stderr or out.stdout).strip().splitlines()
+            tail = [ln for ln in lines if "error" in ln][:3] or lines[-3:]
+            raise RuntimeError(f"`{Path(cxx).name}` failed (exit {out.returncode}): " + " | ".join(tail))
+        os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_ENABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load() -> bool:
+    """Build (if needed), load and register the kernel once per process; whether it is available."""
+    if _state.checked:
+        return _state.available
+    with _lock:
+        if _state.checked:
+            return _state.available
+        if not _enabled():
+            _state.disabled, _state.reason = True, f"disabled by {ENV_ENABLE}={os.environ.get(ENV_ENABLE)}"
+            _state.checked = True
+            return False
+        try:
+            path = build()
+            lib = ctypes.CDLL(str(path))
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NnderivMlpTaylor), platform="cpu")
+            isa = lib.NnderivMlpTaylorIsa
+            isa.restype = ctypes.c_int
+            _state.isa = "avx2+fma" if isa() == 2 else "baseline"
+            _state.lib, _state.path = lib, str(path)
+            _state.available, _state.reason = True, f"loaded {path} ({_state.isa})"
+        except Exception as err:  # noqa: BLE001 - any failure means: use the XLA path
+            _state.available = False
+            _state.reason = f"{type(err).__name__}: {err}"
+            if not _state.warned:
+                _state.warned = True
+                warnings.warn(
+                    f"nnderiv: the native CPU kernel is unavailable ({_state.reason}); "
+                    f"using the XLA kernels (set {ENV_ENABLE}=0 to silence this)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _state.checked = True
+        return _state.available
+
+
+def status() -> dict:
+    """The kernel's state: ``{"state": "available" | "disabled" | "failed" | "not loaded", ...}``.
+
+    Does not build or load anything; call :func:`load` first for a definite answer.
+    """
+    if not _state.checked:
+        state = "not loaded"
+    elif _state.available:
+        state = "available"
+    elif _state.disabled:
+        state = "disabled"
+    else:
+        state = "failed"
+    return {"state": state, "reason": _state.reason, "path": _state.path, "isa": _state.isa}
+
+
+def _reset_for_tests() -> None:
+    """Forget the load state (the registered target stays registered)."""
+    global _state
+    _state = _State()
+
+
+# --------------------------------------------------------------------------------------
+# The hook.
+
+
+def _activation_code(act) -> tuple[int, float] | None:
+    name = getattr(act, "name", None)
+    if not getattr(act, "closed_form", False) or not isinstance(name, str):
+        return None
+    if name in ACTIVATION_CODES and name != "leaky_relu":
+        from .. import _activations
+
+        return (ACTIVATION_CODES[name], 0.0) if _activations.ACTIVATIONS.get(name) is act else None
+    if name.startswith("leaky_relu("):
+        # The slope exactly: read it back from the function (the name rounds it to 6 digits).
+        with jax.ensure_compile_time_eval():
+            value = np.asarray(act.taylor(np.asarray([-1.0]))[0], dtype=np.float64)
+        slope = -float(value[0])
+        return (ACTIVATION_CODES["leaky_relu"], slope) if np.isfinite(slope) else None
+    return None
+
+
+def _encode(stages):
+    """Stage kinds, slopes and the parameter operands, or None if a stage is not supported."""
+    from .. import _network
+
+    kinds, slopes, params = [], [], []
+    for stage in stages:
+        if isinstance(stage, _network.RuntimeAffine):
+            if getattr(stage.weight, "ndim", None) != 2:
+                return None
+            kinds.append(-1 if stage.bias is None else -2)
+            slopes.append(0.0)
+            params.append(stage.weight)
+            if stage.bias is not None:
+                params.append(stage.bias)
+        else:
+            code = _activation_code(stage)
+            if code is None:
+                return None
+            kinds.append(code[0])
+            slopes.append(code[1])
+    return kinds, slopes, params
+
+
+def _xla_fields(stages, x, order: int, full: bool):
+    """The same fields from the XLA forward kernel (the custom call's JVP, and the reference)."""
+    from .._derivatives import expand_fields
+    from ..methods.forward import forward_stack, unpack
+
+    result = unpack(forward_stack(stages, x, order), x.shape[-1], order)
+    if full:
+        result = expand_fields(result, x.shape[-1])
+    return tuple(result[: order + 1])
+
+
+def _rebuild(stages, params):
+    from .. import _network
+
+    it = iter(params)
+    out = []
+    for stage in stages:
+        if isinstance(stage, _network.RuntimeAffine):
+            weight = next(it)
+            bias = None if stage.bias is None else next(it)
+            out.append(_network.RuntimeAffine(weight, bias))
+        else:
+            out.append(stage)
+    return out
+
+
+def applies(stages, x, order: int) -> bool:
+    """Whether :func:`native_derivatives` would run the native kernel (loads it if needed)."""
+    if _OFF.get() or order not in (1, 2, 3) or getattr(x, "ndim", None) != 2:
+        return False
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        return False
+    if jax.default_backend() != "cpu":
+        return False
+    encoded = _encode(stages)
+    if encoded is None or any(jnp.dtype(p.dtype) != jnp.dtype(x.dtype) for p in encoded[2]):
+        return False
+    return load()
+
+
+def native_derivatives(stages, x, order: int, layout: str = "packed"):
+    """The derivative fields of ``stages`` at ``x`` (B, m) from the native kernel, or None.
+
+    Returns ``(value, jacobian, hessian, third)[: order + 1]`` with outputs first, in
+    ``layout`` (``"packed"``: ``(B, n, C(m+1,2))``, ``(B, n, C(m+2,3))``; ``"full"``:
+    ``(B, n, m, m)``, ``(B, n, m, m, m)``), or None where the kernel does not apply.
+    """
+    if layout not in ("packed", "full") or not applies(stages, x, order):
+        return None
+    kinds, slopes, params = _encode(stages)
+    full = layout == "full"
+    batch, m = x.shape
+    widths = [s.weight.shape[1] for s in stages if hasattr(s, "weight")]
+    n = widths[-1] if widths else m
+    shapes = [(batch, n), (batch, n, m)]
+    shapes.append((batch, n, m, m) if full else (batch, n, comb(m + 1, 2)))
+    shapes.append((batch, n, m, m, m) if full else (batch, n, comb(m + 2, 3)))
+    result_types = [jax.ShapeDtypeStruct(s, x.dtype) for s in shapes[: order + 1]]
+    call = jax.ffi.ffi_call(TARGET, result_types, vmap_method="expand_dims")
+    attrs = dict(
+        kinds=np.asarray(kinds, np.int64),
+        slopes=np.asarray(slopes, np.float64),
+        order=np.int64(order),
+        full=np.int64(full),
+    )
+
+    @jax.custom_jvp
+    def fields(x, *params):
+        return tuple(call(x, *params, **attrs))
+
+    @fields.defjvp
+    def fields_jvp(primals, tangents):
+        out = fields(*primals)
+        _, tangent_out = jax.jvp(
+            lambda x, *params: _xla_fields(_rebuild(stages, params), x, order, full), primals, tangents
+        )
+        return out, tangent_out
+
+    return fields(x, *params)
+
+
+# The layout the caller of a method will return. ``_api`` sets it around the method call,
+# so the native kernel writes full tensors directly (no gather ops after the custom call);
+# every other kernel returns packed fields and ``_api`` expands those.
+_LAYOUT: contextvars.ContextVar[str] = contextvars.ContextVar("nnderiv_native_layout", default="packed")
+
+
+@contextlib.contextmanager
+def layout_request(layout: str):
+    """Within the block, :func:`requested_layout` is ``layout``."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def requested_layout() -> str:
+    return _LAYOUT.get()
+
+
+_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("nnderiv_native_off", default=False)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, programs traced use the XLA kernels (A/B timings, tests)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
+def is_full(result) -> bool:
+    """Whether the Hessian/third fields of a flat-batch result are already full tensors."""
+    return any(f is not None and f.ndim >= 4 for f in tuple(result)[2:])
+
+
+__all__ = ["ACTIVATION_CODES", "build", "cache_dir", "load", "native_derivatives", "applies", "status"]
+
+if sys.platform == "win32":  # pragma: no cover - the build assumes a Unix toolchain
+    _state.checked, _state.reason = True, "not supported on Windows"

@@ -1,0 +1,522 @@
+// nnderiv native CPU kernel: the packed forward Taylor recursion of an MLP as one XLA FFI
+// custom call (value, Jacobian, Hessian and third tensor of every point of a batch).
+//
+// Per point, each layer's quantity q carries K = 1 + m + C(m+1,2) + C(m+2,3) Taylor
+// coefficients (value; q_j; q_jk, j <= k; q_jkl, j <= k <= l; packed lexicographic order,
+// as nnderiv.packed_indices). An affine layer multiplies the stack by W (bias on the
+// value row); an activation applies the Faa di Bruno rule unit by unit. Until the first
+// activation the first derivatives are point-independent rows (no matmul of the stack).
+//
+// Layout: a tile of `tile` points keeps its stack as (tile, K, ld) row-major, ld the
+// widest layer padded to the micro-kernel's column block; the affine layer is one GEMM
+// of (tile*K, in) by (in, out) with a register-blocked 6 x (2 vectors) micro-kernel, the
+// elementwise rule runs over the same buffer while it is in cache. Tiles are spread over
+// a persistent thread pool (sized by sched_getaffinity) for large batches.
+//
+// The compute (mlp_taylor_impl.inc) is compiled twice, for AVX2+FMA and for the baseline
+// target; __builtin_cpu_supports picks one at run time.
+//
+// Custom call attributes: kinds (int64, one per stage: -1 affine, -2 affine with bias,
+// >= 0 activation code), slopes (float64 per stage, leaky_relu), order (1..3), full
+// (1: full symmetric tensors, 0: packed). Operands: x (..., B, m), then per affine stage
+// its weight (..., in, out) and bias (..., out) if it has one. Results: value (..., B, n),
+// jacobian (..., B, n, m), hessian (..., B, n, m, m) or (..., B, n, P2), third
+// (..., B, n, m, m, m) or (..., B, n, P3), as many as order + 1. Leading dimensions
+// (from vmap with vmap_method="expand_dims") are slices: each operand has either 1 or
+// all of them.
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace nnd {
+
+enum ActCode : int {
+  kTanh = 0,
+  kSigmoid = 1,
+  kSoftplus = 2,
+  kSilu = 3,
+  kGeluTanh = 4,
+  kGeluErf = 5,
+  kSin = 6,
+  kCos = 7,
+  kExp = 8,
+  kIdentity = 9,
+  kRelu = 10,
+  kLeakyRelu = 11,
+  kNumActs = 12,
+};
+
+template <class T>
+constexpr int kNR = 2 * (32 / (int)sizeof(T));  // micro-kernel columns: two 32-byte vectors
+
+inline int round_up(int v, int q) { return (v + q - 1) / q * q; }
+
+struct Tables {
+  int m = 0, order = 0, K = 0, P2 = 0, P3 = 0, off1 = 1, off2 = 0, off3 = 0;
+  std::vector<int> pj, pk;                      // pairs j <= k
+  std::vector<int> tj, tk, tl, tjk, tjl, tkl;   // triples j <= k <= l and their pair slots
+  std::vector<int> pos2, pos3;                  // full index -> packed slot
+
+  Tables(int m_, int order_) : m(m_), order(order_) {
+    std::vector<int> slot(m * m, 0);
+    for (int j = 0; j < m; ++j)
+      for (int k = j; k < m; ++k) {
+        slot[j * m + k] = slot[k * m + j] = (int)pj.size();
+        pj.push_back(j);
+        pk.push_back(k);
+      }
+    std::vector<int> slot3(m * m * m, 0);
+    for (int j = 0; j < m; ++j)
+      for (int k = j; k < m; ++k)
+        for (int l = k; l < m; ++l) {
+          const int q = (int)tj.size();
+          const int perms[6][3] = {{j, k, l}, {j, l, k}, {k, j, l}, {k, l, j}, {l, j, k}, {l, k, j}};
+          for (auto& p : perms) slot3[(p[0] * m + p[1]) * m + p[2]] = q;
+          tj.push_back(j);
+          tk.push_back(k);
+          tl.push_back(l);
+          tjk.push_back(slot[j * m + k]);
+          tjl.push_back(slot[j * m + l]);
+          tkl.push_back(slot[k * m + l]);
+        }
+    P2 = order >= 2 ? (int)pj.size() : 0;
+    P3 = order >= 3 ? (int)tj.size() : 0;
+    off2 = 1 + m;
+    off3 = off2 + P2;
+    K = off3 + P3;
+    pos2 = slot;
+    pos3 = slot3;
+  }
+};
+
+template <class T>
+struct Affine {
+  const T* W = nullptr;  // (in, out) row-major, as given
+  const T* b = nullptr;  // (out,) or null
+  int in = 0, out = 0;
+  bool narrow = false;   // few columns: dot products against Wt
+  const T* B = nullptr;  // the GEMM's right operand: W itself or Wpad
+  int64_t ldb = 0;
+  int ncols = 0;         // out rounded up to the micro-kernel's columns
+  std::vector<T> Wpad;   // (in, ncols) zero-padded copy, when out is not a multiple
+  std::vector<T> Wt;     // (out, in) transposed, for narrow layers
+};
+
+template <class T>
+struct Program {
+  Tables tb;
+  int n = 0;
+  std::vector<int> kinds;  // per stage: -1 affine, >= 0 activation code
+  std::vector<T> slopes;
+  std::vector<Affine<T>> affine;  // per stage (empty for activations)
+  int first_act = 0;              // index of the first activation (== stages if none)
+  int64_t maxld = 0;
+  int64_t tile = 1;
+  std::vector<T> Rp;  // K x maxld: rows 1.. the constant rows and their products
+  Program(int m, int order) : tb(m, order) {}
+
+  size_t work_size() const {
+    return (size_t)(2 * tile * tb.K * maxld + 2 * tile * maxld + (4 + tb.P2) * maxld);
+  }
+};
+
+template <class T>
+struct Outputs {
+  T* value;
+  T* jac;
+  T* hess;
+  T* third;
+  int h_size;  // per output: m*m (full) or P2 (packed)
+  int t_size;
+  bool full;
+};
+
+}  // namespace nnd
+
+// ------------------------------------------------------------------------------------
+// The compute, twice.
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace nnd {
+namespace avx2 {
+constexpr bool kVectorExp = true;
+#include "mlp_taylor_impl.inc"
+}  // namespace avx2
+}  // namespace nnd
+#pragma GCC pop_options
+
+namespace nnd {
+namespace generic {
+constexpr bool kVectorExp = true;
+#include "mlp_taylor_impl.inc"
+}  // namespace generic
+}  // namespace nnd
+
+namespace nnd {
+
+static bool use_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+
+// ------------------------------------------------------------------------------------
+// A persistent thread pool: workers sleep on a condition variable; parallel_for hands
+// out task indices from an atomic counter and the caller works too. One parallel region
+// at a time (another caller meanwhile runs serially).
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+    for (auto& t : workers_) t.detach();
+  }
+  int size() const { return (int)workers_.size() + 1; }
+
+  // Runs f(i) for i in [0, tasks); returns false (nothing run) if the pool is busy.
+  bool parallel_for(int64_t tasks, const std::function<void(int64_t)>& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &f;
+      tasks_ = tasks;
+      next_.store(0);
+      active_ = (int)workers_.size();
+      ++generation_;
+    }
+    cv_.notify_all();
+    work(f, tasks);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return active_ == 0; });
+    fn_ = nullptr;
+    return true;
+  }
+
+ private:
+  void work(const std::function<void(int64_t)>& f, int64_t tasks) {
+    for (int64_t i; (i = next_.fetch_add(1)) < tasks;) f(i);
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t)>* f;
+      int64_t tasks;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        f = fn_;
+        tasks = tasks_;
+      }
+      work(*f, tasks);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--active_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_, mu_;
+  std::condition_variable cv_, done_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+};
+
+static int affinity_count() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+static std::atomic<Pool*> g_pool{nullptr};
+static std::mutex g_pool_mu;
+
+static void forget_pool_in_child() { g_pool.store(nullptr); }  // threads do not survive fork
+
+static Pool* pool() {
+  Pool* p = g_pool.load();
+  if (p) return p;
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  p = g_pool.load();
+  if (!p) {
+    static bool registered = (pthread_atfork(nullptr, nullptr, forget_pool_in_child), true);
+    (void)registered;
+    p = new Pool(affinity_count() - 1);  // never deleted: detached workers live as long as the process
+    g_pool.store(p);
+  }
+  return p;
+}
+
+// ------------------------------------------------------------------------------------
+// Per-call preparation and the driver.
+
+template <class T>
+static void prepare(Program<T>& P, const std::vector<const T*>& W, const std::vector<const T*>& b,
+                    const std::vector<int>& ins, const std::vector<int>& outs) {
+  const Tables& tb = P.tb;
+  const int m = tb.m;
+  const int nstages = (int)P.kinds.size();
+  P.affine.resize(nstages);
+  int widest = m, ai = 0;
+  P.first_act = nstages;
+  for (int s = 0; s < nstages; ++s) {
+    if (P.kinds[s] >= 0) {
+      if (P.first_act == nstages) P.first_act = s;
+      continue;
+    }
+    Affine<T>& a = P.affine[s];
+    a.W = W[ai];
+    a.b = b[ai];
+    a.in = ins[ai];
+    a.out = outs[ai];
+    ++ai;
+    widest = std::max(widest, a.out);
+    a.ncols = round_up(a.out, kNR<T>);
+    if (s < P.first_act) continue;  // leading layers: applied to the values only
+    a.narrow = a.out < kNR<T>;
+    if (a.narrow) {
+      a.Wt.resize((size_t)a.out * a.in);
+      for (int k = 0; k < a.in; ++k)
+        for (int o = 0; o < a.out; ++o) a.Wt[(size_t)o * a.in + k] = a.W[(size_t)k * a.out + o];
+    } else if (a.out % kNR<T> == 0) {
+      a.B = a.W;
+      a.ldb = a.out;
+    } else {
+      a.Wpad.assign((size_t)a.in * a.ncols, T(0));
+      for (int k = 0; k < a.in; ++k)
+        std::memcpy(&a.Wpad[(size_t)k * a.ncols], a.W + (size_t)k * a.out, sizeof(T) * a.out);
+      a.B = a.Wpad.data();
+      a.ldb = a.ncols;
+    }
+  }
+  const int64_t ld = round_up(widest, kNR<T>);
+  P.maxld = ld;
+  // The constant rows R (m x w) after the leading affine layers, and their products.
+  std::vector<T> R((size_t)m * ld, T(0)), R2((size_t)m * ld, T(0));
+  for (int j = 0; j < m; ++j) R[(size_t)j * ld + j] = 1;
+  int w = m;
+  for (int s = 0; s < P.first_act; ++s) {
+    const Affine<T>& a = P.affine[s];
+    std::fill(R2.begin(), R2.end(), T(0));
+    for (int j = 0; j < m; ++j)
+      for (int k = 0; k < a.in; ++k) {
+        const T r = R[(size_t)j * ld + k];
+        for (int o = 0; o < a.out; ++o) R2[(size_t)j * ld + o] += r * a.W[(size_t)k * a.out + o];
+      }
+    std::swap(R, R2);
+    w = a.out;
+  }
+  (void)w;
+  P.Rp.assign((size_t)tb.K * ld, T(0));
+  for (int j = 0; j < m; ++j)
+    for (int64_t u = 0; u < ld; ++u) P.Rp[(tb.off1 + j) * ld + u] = R[j * ld + u];
+  for (int p = 0; p < tb.P2; ++p)
+    for (int64_t u = 0; u < ld; ++u)
+      P.Rp[(tb.off2 + p) * ld + u] = R[tb.pj[p] * ld + u] * R[tb.pk[p] * ld + u];
+  for (int q = 0; q < tb.P3; ++q)
+    for (int64_t u = 0; u < ld; ++u)
+      P.Rp[(tb.off3 + q) * ld + u] = R[tb.tj[q] * ld + u] * R[tb.tk[q] * ld + u] * R[tb.tl[q] * ld + u];
+  // A tile's two stacks in about 96 KB (L2-resident; the weights of a 64-wide layer are 32 KB).
+  const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * 2;
+  P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (96 * 1024) / per_point));
+}
+
+template <class T>
+static void run_range(const Program<T>& P, const T* x, const Outputs<T>& out, int64_t b0, int64_t b1) {
+  thread_local std::vector<T> work;
+  const size_t need = P.work_size();
+  if (work.size() < need) work.assign(need, T(0));
+  if (use_avx2())
+    avx2::run_points<T>(P, x, out, b0, b1, work.data());
+  else
+    generic::run_points<T>(P, x, out, b0, b1, work.data());
+}
+
+template <class T>
+static double flops_per_point(const Program<T>& P) {
+  double f = 0;
+  for (size_t s = 0; s < P.kinds.size(); ++s)
+    if (P.kinds[s] < 0 && (int)s > P.first_act) f += 2.0 * P.tb.K * P.affine[s].in * P.affine[s].out;
+  return f + 1.0;
+}
+
+template <class T>
+static void run_batch(const Program<T>& P, const T* x, const Outputs<T>& out, int64_t batch) {
+  // Threads pay off from about 1 ms of work: one point (or a few) never pays a hand-off.
+  const int64_t tiles = (batch + P.tile - 1) / P.tile;
+  const double flops = flops_per_point(P) * (double)batch;
+  if (tiles >= 2 && flops > 2e6) {
+    Pool* p = pool();
+    if (p->size() > 1) {
+      // Chunks of whole tiles, about 4 per thread, for balance under noisy neighbours.
+      const int64_t chunks = std::min<int64_t>(tiles, 4 * p->size());
+      const int64_t per = (tiles + chunks - 1) / chunks * P.tile;
+      const int64_t nchunks = (batch + per - 1) / per;
+      std::function<void(int64_t)> f = [&](int64_t c) {
+        run_range<T>(P, x, out, c * per, std::min(batch, (c + 1) * per));
+      };
+      if (p->parallel_for(nchunks, f)) return;
+    }
+  }
+  run_range<T>(P, x, out, 0, batch);
+}
+
+static int64_t count(const ffi::AnyBuffer& b) { return (int64_t)b.element_count(); }
+
+template <class T>
+static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
+                          ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int order, bool full) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
+  const int64_t Bp = xd[xd.size() - 2];
+  const int m = (int)xd[xd.size() - 1];
+  if ((int64_t)rets.size() != order + 1) return ffi::Error::InvalidArgument("expected order + 1 results");
+  std::vector<T*> res;
+  std::vector<int64_t> res_count;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto r = rets.get<ffi::AnyBuffer>(i);
+    if (r.has_error()) return r.error();
+    ffi::AnyBuffer buf = *r.value();
+    res.push_back(reinterpret_cast<T*>(buf.untyped_data()));
+    res_count.push_back(count(buf));
+  }
+  if (m <= 0) return ffi::Error::InvalidArgument("x has no inputs");
+  // Operands and their slice counts.
+  std::vector<const T*> W, b;
+  std::vector<int> ins, outs;
+  std::vector<int64_t> wslices, bslices;
+  size_t ai = 0;
+  for (size_t s = 0; s < kinds.size(); ++s) {
+    if (kinds[s] >= 0) {
+      if (kinds[s] >= kNumActs) return ffi::Error::InvalidArgument("unknown activation code");
+      continue;
+    }
+    if (ai >= args.size()) return ffi::Error::InvalidArgument("missing weight operand");
+    auto wb = args.get<ffi::AnyBuffer>(ai++);
+    if (wb.has_error()) return wb.error();
+    const auto wd = wb.value().dimensions();
+    if (wd.size() < 2) return ffi::Error::InvalidArgument("weights must have rank >= 2");
+    const int in = (int)wd[wd.size() - 2], outd = (int)wd[wd.size() - 1];
+    if (in != (outs.empty() ? m : outs.back()))
+      return ffi::Error::InvalidArgument("weight shapes do not chain");
+    W.push_back(reinterpret_cast<const T*>(wb.value().untyped_data()));
+    wslices.push_back(count(wb.value()) / std::max<int64_t>(1, (int64_t)in * outd));
+    ins.push_back(in);
+    outs.push_back(outd);
+    if (kinds[s] == -2) {
+      if (ai >= args.size()) return ffi::Error::InvalidArgument("missing bias operand");
+      auto bb = args.get<ffi::AnyBuffer>(ai++);
+      if (bb.has_error()) return bb.error();
+      b.push_back(reinterpret_cast<const T*>(bb.value().untyped_data()));
+      bslices.push_back(count(bb.value()) / std::max(1, outd));
+    } else {
+      b.push_back(nullptr);
+      bslices.push_back(1);
+    }
+  }
+  const int n = outs.empty() ? m : outs.back();
+  const int64_t per_slice = Bp * n;
+  const int64_t S = per_slice ? res_count[0] / per_slice : 0;
+  const int64_t xs = (Bp * m != 0) ? count(x) / (Bp * m) : 0;
+  auto ok = [&](int64_t c) { return c == 1 || c == S; };
+  bool shared = true;
+  if (!ok(xs)) return ffi::Error::InvalidArgument("x slices do not match the results");
+  for (size_t i = 0; i < W.size(); ++i) {
+    if (!ok(wslices[i]) || !ok(bslices[i])) return ffi::Error::InvalidArgument("parameter slices do not match");
+    shared = shared && wslices[i] == 1 && bslices[i] == 1;
+  }
+  if (S == 0 || Bp == 0) return ffi::Error::Success();
+
+  const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
+  const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
+  Program<T> P(m, order);
+  P.n = n;
+  P.kinds.assign(kinds.begin(), kinds.end());
+  for (auto& k : P.kinds) k = k < 0 ? -1 : k;
+  P.slopes.resize(kinds.size());
+  for (size_t s = 0; s < kinds.size(); ++s) P.slopes[s] = s < slopes.size() ? (T)slopes[s] : T(0);
+
+  const int64_t sizes[4] = {n, (int64_t)n * m, (int64_t)n * P2, (int64_t)n * P3};
+  auto outputs_at = [&](int64_t point0) {
+    Outputs<T> o{res[0] + point0 * sizes[0],
+                 order >= 1 ? res[1] + point0 * sizes[1] : nullptr,
+                 order >= 2 ? res[2] + point0 * sizes[2] : nullptr,
+                 order >= 3 ? res[3] + point0 * sizes[3] : nullptr,
+                 P2,
+                 P3,
+                 full};
+    return o;
+  };
+  const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+  if (shared && xs == S) {  // one batch of S * Bp points
+    prepare<T>(P, W, b, ins, outs);
+    run_batch<T>(P, xp, outputs_at(0), S * Bp);
+    return ffi::Error::Success();
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    std::vector<const T*> Ws(W.size()), bs(b.size());
+    for (size_t i = 0; i < W.size(); ++i) {
+      Ws[i] = W[i] + (wslices[i] == 1 ? 0 : s * (int64_t)ins[i] * outs[i]);
+      bs[i] = b[i] ? b[i] + (bslices[i] == 1 ? 0 : s * (int64_t)outs[i]) : nullptr;
+    }
+    Program<T> Ps(m, order);
+    Ps.n = n;
+    Ps.kinds = P.kinds;
+    Ps.slopes = P.slopes;
+    prepare<T>(Ps, Ws, bs, ins, outs);
+    run_batch<T>(Ps, xp + (xs == 1 ? 0 : s * Bp * m), outputs_at(s * Bp), Bp);
+  }
+  return ffi::Error::Success();
+}
+
+static ffi::Error MlpTaylorImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                                ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int64_t order,
+                                int64_t full) {
+  if (order < 1 || order > 3) return ffi::Error::InvalidArgument("order must be 1, 2 or 3");
+  switch (x.element_type()) {
+    case ffi::DataType::F64:
+      return compute<double>(x, args, rets, kinds, slopes, (int)order, full != 0);
+    case ffi::DataType::F32:
+      return compute<float>(x, args, rets, kinds, slopes, (int)order, full != 0);
+    default:
+      return ffi::Error::InvalidArgument("x must be float32 or float64");
+  }
+}
+
+}  // namespace nnd
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NnderivMlpTaylor, nnd::MlpTaylorImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("kinds")
+                                  .Attr<ffi::Span<const double>>("slopes")
+                                  .Attr<int64_t>("order")
+                                  .Attr<int64_t>("full"));
+
+// For tests and status reports: which compute copy this CPU runs.
+extern "C" int NnderivMlpTaylorIsa() { return nnd::use_avx2() ? 2 : 0; }

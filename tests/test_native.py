@@ -1,0 +1,371 @@
+"""The native CPU kernel (``nnderiv._native``) against the XLA kernels and nested AD.
+
+Tolerances. Both kernels compute the same Taylor recursion; they differ only in the
+order of the sums in the matmuls (register blocking vs XLA's dot) and in the
+transcendentals (expm1-based closed forms vs XLA's tanh/exp/logistic). In float64 that
+is a few ulps per coefficient, amplified by at most the depth and the conditioning of the
+third-order sums: 1e-12 relative to each field's largest entry leaves two to three
+orders of magnitude of margin over what we observe (<= 2e-13), and is still ten orders
+below any real error (a wrong index or coefficient is O(1)). In float32 (eps 1.2e-7) the
+same few-ulp differences give ~1e-6 for the third tensor; 2e-5 relative is ~170 ulps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nnderiv
+from nnderiv import _activations, _native, _network
+
+from . import _models
+from .helpers import assert_derivatives_close, relative_error
+
+RTOL = {"float64": 1e-12, "float32": 2e-5}
+ALL = [*_activations.ACTIVATIONS, "leaky_relu"]
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not _native.load(), reason=f"native kernel unavailable: {_native.status()}")
+
+
+def _activation(name: str):
+    return _activations.leaky_relu(0.037) if name == "leaky_relu" else _activations.ACTIVATIONS[name]
+
+
+def _stages(m: int, widths, n: int, activation: str, dtype, seed: int = 0, bias: bool = True):
+    """Runtime stages of a random MLP: weights ~ N(0, 1.5^2 / fan_in), pre-activations O(1)."""
+    rng = np.random.default_rng(seed)
+    sizes = [m, *widths, n]
+    stages = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = jnp.asarray(rng.standard_normal((a, b)) * 1.5 / np.sqrt(a), dtype)
+        bvec = jnp.asarray(rng.standard_normal(b) * 0.3, dtype) if bias else None
+        stages.append(_network.RuntimeAffine(w, bvec))
+        if i < len(widths):
+            stages.append(_activation(activation))
+    return stages
+
+
+def _apply(stages, x):
+    for stage in stages:
+        if isinstance(stage, _network.RuntimeAffine):
+            x = x @ stage.weight + (0 if stage.bias is None else stage.bias)
+        else:
+            x = stage(x)
+    return x
+
+
+def _nested(stages, x, order):
+    """value, jacobian, ... by nested AD of the plain forward pass, full layout."""
+    f = lambda p: _apply(stages, p)  # noqa: E731
+    fns = [f, jax.jacrev(f), jax.jacfwd(jax.jacrev(f)), jax.jacfwd(jax.jacfwd(jax.jacrev(f)))]
+    return [jax.vmap(g)(x) for g in fns[: order + 1]]
+
+
+def _check(stages, x, order, layout, dtype="float64", label=""):
+    got = _native.native_derivatives(stages, x, order, layout)
+    assert got is not None, f"{label}: the native kernel did not apply"
+    want = _native._xla_fields(stages, x, order, layout == "full")
+    assert len(got) == order + 1
+    try:
+        return assert_derivatives_close(got, want, RTOL[dtype], label)
+    except AssertionError:
+        if dtype != "float64":
+            raise
+    # An ill-conditioned point (deep gelu nets, m = 6: both kernels differ from nested AD
+    # by ~1e-11 there): the native kernel must then be as close to nested AD as XLA is.
+    full = [nnderiv._derivatives.expand_packed(f, x.shape[-1], k, -1) if layout == "packed" and k >= 2 else f
+            for k, f in enumerate(got)]
+    full_want = [nnderiv._derivatives.expand_packed(f, x.shape[-1], k, -1) if layout == "packed" and k >= 2 else f
+                 for k, f in enumerate(want)]
+    nested = _nested(stages, x, order)
+    for k, (a, b, c) in enumerate(zip(full, full_want, nested)):
+        err_native, err_xla = relative_error(a, c), relative_error(b, c)
+        assert err_native <= 2 * err_xla + RTOL[dtype], f"{label}: order {k}: {err_native:.2e} vs XLA {err_xla:.2e}"
+    return 0.0
+
+
+@pytest.mark.parametrize("activation", ALL)
+def test_kernel_matches_xla_every_activation(activation):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 3)) * 1.3)
+    for order in (1, 2, 3):
+        for layout in ("packed", "full"):
+            stages = _stages(3, (17, 9), 2, activation, jnp.float64, seed=order)
+            _check(stages, x, order, layout, label=f"{activation} order {order} {layout}")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6])
+def test_kernel_matches_xla_shapes(m):
+    # Depths 0..3 (0: an affine map), n = 1..3, widths off the micro-kernel's block, with
+    # and without biases, orders 1..3 and both layouts spread over the grid.
+    rng = np.random.default_rng(m)
+    for depth in (0, 1, 2, 3):
+        n = 1 + (m + depth) % 3
+        widths = [int(w) for w in rng.choice([5, 8, 16, 19, 33], size=depth)]
+        activation = ALL[(m * 7 + depth * 3 + n) % len(ALL)]
+        activation = "sigmoid" if activation == "exp" and depth > 1 else activation  # exp(exp(.)) overflows
+        stages = _stages(m, widths, n, activation, jnp.float64, seed=depth + 10 * n, bias=(depth + m) % 2 == 0)
+        batch = (1, 37)[(m + depth) % 2]
+        x = jnp.asarray(rng.standard_normal((batch, m)))
+        order = 1 + (m + depth) % 3 if depth < 3 else 3
+        layout = ("packed", "full")[(depth + m // 2) % 2]
+        _check(stages, x, order, layout, label=f"m{m} {widths} n{n} {activation} b{batch} o{order} {layout}")
+
+
+def test_kernel_wide_layers_and_threads():
+    # Widths that are not multiples of the micro-kernel's columns, an output layer wide
+    # enough for the GEMM path, and a batch large enough for the thread pool.
+    stages = _stages(4, (70, 64, 13), 9, "tanh", jnp.float64, seed=5)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1003, 4)))
+    _check(stages, x, 3, "full", label="wide")
+    _check(stages, x, 2, "packed", label="wide order 2")
+
+
+def test_kernel_float32():
+    for activation in ("tanh", "softplus", "gelu_tanh", "sin"):
+        stages = _stages(3, (32, 24), 2, activation, jnp.float32, seed=3)
+        x = jnp.asarray(np.random.default_rng(3).standard_normal((50, 3)), jnp.float32)
+        got = _native.native_derivatives(stages, x, 3, "packed")
+        assert all(f.dtype == jnp.float32 for f in got)
+        _check(stages, x, 3, "packed", "float32", label=f"float32 {activation}")
+
+
+def test_kernel_does_not_apply():
+    stages = _stages(2, (8,), 1, "tanh", jnp.float64)
+    x = jnp.ones((3, 2))
+    assert _native.native_derivatives(stages, x, 0, "packed") is None  # order 0
+    assert _native.native_derivatives(stages, x, 4, "packed") is None
+    generic = [stages[0], _activations.generic(lambda z: z + 0.1 * z**3), stages[2]]
+    assert _native.native_derivatives(generic, x, 3, "packed") is None
+    assert _native.native_derivatives(stages, x.astype(jnp.float32), 3, "packed") is None  # mixed dtypes
+    with _native.disabled():
+        assert _native.native_derivatives(stages, x, 3, "packed") is None
+
+
+def test_non_finite_rows_stay_isolated():
+    stages = _stages(3, (16, 16), 2, "softplus", jnp.float64, seed=4)
+    x = np.random.default_rng(4).standard_normal((40, 3))
+    x[3, 1] = np.nan
+    x[17, 0] = np.inf
+    x[18, 2] = -np.inf
+    x = jnp.asarray(x)
+    got = _native.native_derivatives(stages, x, 3, "full")
+    want = _native._xla_fields(stages, x, 3, True)
+    bad = np.array([3, 17, 18])
+    good = np.setdiff1d(np.arange(40), bad)
+    assert_derivatives_close([f[good] for f in got], [f[good] for f in want], RTOL["float64"], "finite rows")
+    assert np.all(np.isnan(np.asarray(got[3][3])))
+    for f, g in zip(got, want):  # the same IEEE arithmetic on the bad rows as the XLA kernel
+        np.testing.assert_array_equal(np.isnan(np.asarray(f[bad])), np.isnan(np.asarray(g[bad])))
+
+
+# --------------------------------------------------------------------------------------
+# Through the public API.
+
+
+def _case(activation="tanh", m=3, widths=(16, 12), n=2):
+    return _models.linen_mlp(m, list(widths), n, activation, seed=2)
+
+
+def _xla_derivs(net, x, order=3, layout="full"):
+    with _native.disabled():  # a fresh jit, traced with the native kernel off
+        return jax.jit(lambda net, x: nnderiv._api._derivatives(net, x, order, "forward", layout))(net, x)
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (7,), (1000,)])
+def test_api_matches_xla_and_nested(batch):
+    net = _case("silu").net()
+    x = _models.points(3, batch)
+    for layout in ("full", "packed"):
+        got = nnderiv.derivs_fn(net, 3, "forward", layout)(x)
+        assert got.value.shape == (*batch, 2)
+        want = _xla_derivs(net, x.reshape(-1, 3), 3, layout)
+        want = [f.reshape(*batch, *f.shape[1:]) for f in want]
+        assert_derivatives_close(got, want, RTOL["float64"], f"api {batch} {layout}")
+    nested = nnderiv.derivatives(net, x, 3, method="nested")
+    assert_derivatives_close(nnderiv.derivatives(net, x, 3, method="forward"), nested, 1e-11, "vs nested")
+
+
+def test_api_program_is_one_custom_call():
+    net = _case("tanh").net()
+    hlo = nnderiv.derivs_fn(net, 3, "forward").lower(jnp.ones(3)).as_text()
+    assert hlo.count(_native.TARGET) == 1
+    assert "dot_general" not in hlo and "gather" not in hlo
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_api_orders(order):
+    net = _case("gelu_erf", m=2, widths=(9,), n=1).net()
+    x = _models.points(2, (5,))
+    got = nnderiv.derivatives(net, x, order, method="forward")
+    assert got.order == order
+    assert_derivatives_close(got, _xla_derivs(net, x, order), RTOL["float64"], f"order {order}")
+
+
+def test_parameter_gradients_match_xla():
+    # PINN training: gradients of a loss of the derivatives with respect to the parameters
+    # (through the custom call's JVP, which is the XLA kernel's), and with respect to x.
+    case = _models.linen_mlp(2, [8, 8], 1, "softplus", seed=2)
+    x = _models.points(2, (6,))
+
+    def loss(variables, x):
+        d = nnderiv.derivatives(nnderiv.from_flax(case.module, variables), x, 3, method="forward")
+        return jnp.sum(d.value**2) + jnp.sum(d.hessian) + 0.1 * jnp.sum(d.third**2)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(case.variables, x)
+    with _native.disabled():
+        want = jax.jit(jax.grad(loss, argnums=(0, 1)))(case.variables, x)
+        hlo = jax.jit(jax.grad(loss)).lower(case.variables, x).as_text()
+    assert _native.TARGET not in hlo
+    assert _native.TARGET in jax.jit(loss).lower(case.variables, x).as_text()
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
+
+
+def test_jit_vmap_scan():
+    net = _case("tanh").net()
+    derivs = nnderiv.derivs_fn(net, 3, "forward")
+    x = _models.points(3, (8,))
+    whole = derivs(x)
+    assert_derivatives_close(jax.vmap(derivs)(x), whole, RTOL["float64"], "vmap over points")
+    assert_derivatives_close(jax.jit(jax.vmap(derivs))(x), whole, RTOL["float64"], "jit vmap")
+    nested_batch = x.reshape(2, 4, 3)
+    assert_derivatives_close(
+        [f.reshape(8, *f.shape[2:]) for f in jax.vmap(derivs)(nested_batch)], whole, RTOL["float64"], "vmap of batches"
+    )
+
+    def body(c, xi):
+        d = derivs(xi)
+        return c + jnp.sum(d.third), d.third
+
+    total, thirds = jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs))(x)
+    np.testing.assert_allclose(np.asarray(thirds), np.asarray(whole.third), rtol=1e-12, atol=1e-14)
+    # vmap over an ensemble of parameters: the kernel runs one slice per parameter set.
+    case = _case("tanh")
+    ensemble = jax.tree_util.tree_map(lambda a: jnp.stack([a, 0.9 * a, 1.1 * a]), case.variables)
+
+    def one(variables, x):
+        return nnderiv.derivatives(nnderiv.from_flax(case.module, variables), x, 3, method="forward")
+
+    got = jax.vmap(one, in_axes=(0, None))(ensemble, x)
+    for i in range(3):
+        member = jax.tree_util.tree_map(lambda a: a[i], ensemble)
+        with _native.disabled():
+            want = jax.jit(one)(member, x)
+        assert_derivatives_close([f[i] for f in got], want, RTOL["float64"], f"ensemble member {i}")
+    got = jax.vmap(one, in_axes=(0, 0))(ensemble, jnp.stack([x, x + 1, x - 1]))
+    with _native.disabled():
+        want = jax.jit(one)(jax.tree_util.tree_map(lambda a: a[2], ensemble), x - 1)
+    assert_derivatives_close([f[2] for f in got], want, RTOL["float64"], "ensemble and points")
+
+
+# --------------------------------------------------------------------------------------
+# Build, fallback and status.
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A process that has not loaded the kernel yet (restored afterwards), with an empty cache."""
+    saved = _native._state
+    _native._reset_for_tests()
+    monkeypatch.setenv("NNDERIV_CACHE_DIR", str(tmp_path))
+    yield tmp_path
+    _native._state = saved
+
+
+def _small_net():
+    return _models.linen_mlp(3, [8], 2, "tanh", seed=1).net()
+
+
+def _fallback_results(net, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, "forward", "full"))(x) for _ in range(2)]
+    return got, [w for w in caught if "native CPU kernel is unavailable" in str(w.message)]
+
+
+@pytest.mark.parametrize("compiler", ["/bin/false", "fake", "/nonexistent/c++"])
+def test_broken_compiler_falls_back_with_one_warning(fresh_state, monkeypatch, compiler):
+    if compiler == "fake":  # answers --version, fails to compile
+        fake = fresh_state / "fake-c++"
+        fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\necho "error: nope" >&2\nexit 1\n')
+        fake.chmod(0o755)
+        compiler = str(fake)
+    monkeypatch.setenv("CXX", compiler)
+    net, x = _small_net(), _models.points(3, (4,))
+    got, caught = _fallback_results(net, x)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    info = _native.status()
+    assert info["state"] == "failed" and info["reason"]
+    assert not list(fresh_state.glob("native/*.so"))  # nothing half-written left behind
+    _native._state = _native._State(checked=True, available=True)  # the real kernel again
+    want = _xla_derivs(net, x)
+    for g in got:
+        assert_derivatives_close(g, want, 0.0, "fallback is the XLA kernel")
+
+
+def test_disabled_by_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv("NNDERIV_NATIVE", "0")
+    net, x = _small_net(), _models.points(3, (4,))
+    got, caught = _fallback_results(net, x)
+    assert not caught
+    assert _native.status()["state"] == "disabled"
+    assert _native.TARGET not in jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, "forward", "full")).lower(
+        x
+    ).as_text()
+
+
+def test_build_in_a_fresh_process(tmp_path):
+    # End to end in a new interpreter: first use builds into an empty cache, the program
+    # is one custom call, no warning; the result equals this process's XLA kernel.
+    script = textwrap.dedent(
+        f"""
+        import warnings
+        warnings.simplefilter("error")
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        import flax.linen as nn
+        import nnderiv
+        from nnderiv import _native
+        model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(2)])
+        net = nnderiv.from_flax(model, model.init(jax.random.PRNGKey(0), jnp.ones(3)))
+        x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+        d = nnderiv.derivatives(net, x, method="forward")
+        print("STATE", _native.status()["state"], nnderiv.derivs_fn(net, 3, "forward").lower(x).as_text().count(_native.TARGET))
+        np.save({str(tmp_path / "third.npy")!r}, np.asarray(d.third))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NNDERIV_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STATE available 1" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("native/mlp_taylor-*.so"))) == 1
+    assert not list(tmp_path.glob("native/*.tmp*"))
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(2)])
+    net = nnderiv.from_flax(model, model.init(jax.random.PRNGKey(0), jnp.ones(3)))
+    want = _xla_derivs(net, jnp.linspace(-1, 1, 12).reshape(4, 3))
+    np.testing.assert_allclose(np.load(tmp_path / "third.npy"), np.asarray(want.third), rtol=1e-12, atol=1e-13)
+
+
+def test_status_and_cache_key(tmp_path, monkeypatch):
+    info = _native.status()
+    assert info["state"] == "available" and Path(info["path"]).exists()
+    assert info["isa"] in ("avx2+fma", "baseline")
+    monkeypatch.setenv("NNDERIV_CACHE_DIR", str(tmp_path))
+    cxx = _native._compiler()
+    path = _native.library_path(cxx)
+    assert path.parent == tmp_path / "native" and path.name.startswith("mlp_taylor-")
+    monkeypatch.delenv("NNDERIV_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _native.cache_dir() == tmp_path / "xdg" / "nnderiv"
