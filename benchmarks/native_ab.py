@@ -1,6 +1,5 @@
 """Interleaved A/B timings: native kernel vs XLA forward kernel vs nested AD (float64)."""
 import statistics
-import sys
 import time
 
 import jax
@@ -8,7 +7,8 @@ import jax.numpy as jnp
 
 jax.config.update("jax_enable_x64", True)
 import nnderiv  # noqa: E402
-from nnderiv import _bench, _native  # noqa: E402
+from nnderiv import _native  # noqa: E402
+from nnderiv.bench import _suite as _bench  # noqa: E402
 
 
 def block(out):
@@ -57,7 +57,6 @@ def scan_step(cfg, steps=256):
     net = _bench.build_net(cfg, "float64")
     xs = _bench.make_points(cfg.m, steps, "float64")
     d_nat = nnderiv.derivs_fn(net, 3, "forward")
-    base = jax.vmap(lambda x: _bench.plain_all(net, x))
 
     def body_with(fn):
         def body(c, x):

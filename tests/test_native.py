@@ -297,7 +297,8 @@ def _fallback_results(net, x):
 def test_broken_compiler_falls_back_with_one_warning(fresh_state, monkeypatch, compiler):
     if compiler == "fake":  # answers --version, fails to compile
         fake = fresh_state / "fake-c++"
-        fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\necho "error: nope" >&2\nexit 1\n')
+        script = '#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\necho "error: nope" >&2\nexit 1\n'
+        fake.write_text(script)
         fake.chmod(0o755)
         compiler = str(fake)
     monkeypatch.setenv("CXX", compiler)
@@ -340,7 +341,8 @@ def test_build_in_a_fresh_process(tmp_path):
         net = nnderiv.from_flax(model, model.init(jax.random.PRNGKey(0), jnp.ones(3)))
         x = jnp.linspace(-1, 1, 12).reshape(4, 3)
         d = nnderiv.derivatives(net, x, method="forward")
-        print("STATE", _native.status()["state"], nnderiv.derivs_fn(net, 3, "forward").lower(x).as_text().count(_native.TARGET))
+        calls = nnderiv.derivs_fn(net, 3, "forward").lower(x).as_text().count(_native.TARGET)
+        print("STATE", _native.status()["state"], calls)
         np.save({str(tmp_path / "third.npy")!r}, np.asarray(d.third))
         """
     )
