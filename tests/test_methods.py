@@ -26,12 +26,12 @@ def _all_methods(case, x, order=3, auto=False):
     return {method: nnderiv.derivs_fn(net, order=order, method=method)(x) for method in methods}
 
 
-def _cross_check(results, label):
+def _cross_check(results, label, rtol=None):
     ref = results["nested"]
     for method, result in results.items():
-        assert_derivatives_close(result, ref, label=f"{label} {method} vs nested")
+        assert_derivatives_close(result, ref, rtol, label=f"{label} {method} vs nested")
     for a, b in (("forward", "fwdrev"), ("forward", "jet"), ("fwdrev", "jet")):
-        assert_derivatives_close(results[a], results[b], label=f"{label} {a} vs {b}")
+        assert_derivatives_close(results[a], results[b], rtol, label=f"{label} {a} vs {b}")
 
 
 ACTIVATION_CASES = sorted(_models.JAX_ACTIVATIONS)
@@ -40,7 +40,12 @@ ACTIVATION_CASES = sorted(_models.JAX_ACTIVATIONS)
 @pytest.mark.parametrize("activation", ACTIVATION_CASES)
 def test_each_activation(activation):
     case = _models.linen_mlp(3, [8, 8], 2, activation, seed=1)
-    _cross_check(_all_methods(case, _models.points(3, (4,))), activation)
+    # exp of exp: the second layer's pre-activations reach z ~ 350 (outputs ~1e151), where
+    # exp turns one ulp of z (a different summation order: the native kernel's FMA
+    # micro-kernel against XLA's dot) into 350 ulps of the value: 8e-14 relative per ulp.
+    # Every order is then held to 1e-11 (measured 2.8e-13), elsewhere to the table.
+    rtol = 1e-11 if activation == "exp" else None
+    _cross_check(_all_methods(case, _models.points(3, (4,))), activation, rtol)
 
 
 @pytest.mark.parametrize("m", range(1, 9))
