@@ -129,7 +129,8 @@ def test_speed_notebook(kernel, tmp_path):
     text = stdout_of(nb)
     assert "bench-small.json" in text
     assert "geometric-mean speedup of auto over the best built-in" in text
-    assert count_images(nb) >= 3  # sweeps (float64, float32), speedups
+    dtypes = json.loads(bench_json.read_text())["dtypes"]
+    assert count_images(nb) >= len(dtypes) + 1  # sweeps (one per dtype of the run), speedups
 
 
 def test_walkthrough_notebook(kernel):
