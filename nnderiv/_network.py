@@ -210,17 +210,25 @@ class RuntimeAffine:
     bias: jax.Array | None  # (out,)
 
 
-def trace_program(net: Network, m: int, dtype) -> _jaxpr.FlatProgram:
-    """The flat program of ``(*param_leaves, x) -> y`` for one point ``x`` of shape (m,)."""
+def trace_program(net: Network, m: int, dtype, tag: str = "program", transform=None) -> _jaxpr.FlatProgram:
+    """The flat program of ``(*param_leaves, x) -> y`` for one point ``x`` of shape (m,).
+
+    ``transform`` (cached under ``tag``): trace ``transform(f)(x)`` instead, with ``f`` the
+    model at one point as a vector (e.g. the engine's ``jax.jacrev`` program).
+    """
     leaves, treedef = jax.tree_util.tree_flatten(net.params)
-    key = ("program", m, jnp.dtype(dtype).name, treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves))
+    key = (tag, m, jnp.dtype(dtype).name, treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves))
     cached = net.spec.cache.get(key)
     if cached is not None:
         return cached
 
     def flat_apply(*args):
         params = jax.tree_util.tree_unflatten(treedef, args[:-1])
-        return jnp.reshape(net.spec.apply(params, args[-1]), (-1,))
+
+        def point(u):
+            return jnp.reshape(net.spec.apply(params, u), (-1,))
+
+        return (point if transform is None else transform(point))(args[-1])
 
     specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
     program = _jaxpr.trace_flat(flat_apply, *specs, jax.ShapeDtypeStruct((m,), dtype))

@@ -44,25 +44,15 @@ __all__ = [
 
 def jacobian_program(net: _network.Network, m: int, dtype) -> _jaxpr.FlatProgram:
     """The flat program of ``(*param_leaves, x) -> (J (n, m), f (n,))`` for one point."""
-    leaves, treedef = jax.tree_util.tree_flatten(net.params)
-    key = ("jacrev", m, jnp.dtype(dtype).name, treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves))
-    cached = net.spec.cache.get(key)
-    if cached is not None:
-        return cached
 
-    def flat(*args):
-        params = jax.tree_util.tree_unflatten(treedef, args[:-1])
-
-        def f(u):
-            y = jnp.reshape(net.spec.apply(params, u), (-1,))
+    def with_value(f):
+        def value_twice(u):
+            y = f(u)
             return y, y
 
-        return jax.jacrev(f, has_aux=True)(args[-1])
+        return jax.jacrev(value_twice, has_aux=True)
 
-    specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
-    program = _jaxpr.trace_flat(flat, *specs, jax.ShapeDtypeStruct((m,), dtype))
-    net.spec.cache[key] = program
-    return program
+    return _network.trace_program(net, m, dtype, "jacrev", with_value)
 
 
 def _block(out, j: int, m: int, shape, dtype):

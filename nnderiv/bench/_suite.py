@@ -436,7 +436,11 @@ def cost_estimate(method: str, cfg: Config, dtype: str) -> tuple[float, float]:
         algorithms = [_ALGORITHM_OF[method]]
     else:  # auto, analytic: the cheaper of what they may run
         algorithms = list(_cost.ANALYTIC if method == "analytic" else _cost.ALGORITHMS)
-    per_point = {a: _cost.estimated_seconds(a, cfg.layers, cfg.m, cfg.n, 3, dtype, cfg.batch) for a in algorithms}
+    predicted = _cost.predicted_seconds(cfg.layers, cfg.m, cfg.n, 3, dtype, cfg.batch)
+    # jet: nested AD's code with jet's columns (a rough figure, for skipping only)
+    jet_columns = _cost.columns("jet", cfg.m, cfg.n, 3) / _cost.columns("nested", cfg.m, cfg.n, 3)
+    predicted["jet"] = predicted["nested"] * jet_columns
+    per_point = {a: predicted[a] for a in algorithms}
     algorithm = min(per_point, key=per_point.get)
     itemsize = jnp.dtype(dtype).itemsize
     columns = _cost.columns(algorithm, cfg.m, cfg.n, 3)

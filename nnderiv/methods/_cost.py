@@ -150,24 +150,6 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native: 
     return out
 
 
-def estimated_seconds(
-    algorithm: str,
-    layers: Sequence[tuple[int, int]],
-    m: int,
-    n: int,
-    order: int,
-    dtype,
-    batch: int = 1024,
-    rates: _calibration.Rates | None = None,
-) -> float:
-    """Predicted seconds per point of any algorithm, ``"jet"`` included (as nested AD's code
-    with jet's columns: a rough figure, for deciding what to skip, not for choosing)."""
-    if algorithm in ALGORITHMS:
-        return predicted_seconds(layers, m, n, order, dtype, batch, rates)[algorithm]
-    nested = predicted_seconds(layers, m, n, order, dtype, batch, rates)["nested"]
-    return nested * columns(algorithm, m, n, order) / columns("nested", m, n, order)
-
-
 def predicted_seconds(
     layers: Sequence[tuple[int, int]],
     m: int,
@@ -192,18 +174,11 @@ def predicted_seconds(
     return out
 
 
-def choose(
-    layers: Sequence[tuple[int, int]],
-    m: int,
-    n: int,
-    order: int,
-    dtype,
-    batch: int = 1024,
-    rates: _calibration.Rates | None = None,
-    among: Sequence[str] = ALGORITHMS,
-    native: bool = False,
-) -> str:
-    """The algorithm in ``among`` with the lowest predicted time (``"forward"`` at order 0)."""
+def choose(layers, m: int, n: int, order: int, dtype, batch=1024, rates=None, among=ALGORITHMS, native=False) -> str:
+    """The algorithm in ``among`` with the lowest predicted time (``"forward"`` at order 0).
+
+    The other arguments are those of :func:`predicted_seconds`.
+    """
     if order == 0:
         return "forward"  # a plain forward pass, whatever the method
     costs = predicted_seconds(layers, m, n, order, dtype, batch, rates, native)
