@@ -23,7 +23,9 @@ model is not an MLP; the reason is kept so that ``method="analytic"`` can name i
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +72,6 @@ class ModelSpec:
     apply: Callable[[Any, jax.Array], jax.Array]
     name: str
     input_dim: int | None
-    cache: dict = dataclasses.field(default_factory=dict, repr=False)
     key: Any = None
 
     def _identity(self):
@@ -210,17 +211,38 @@ class RuntimeAffine:
     bias: jax.Array | None  # (out,)
 
 
+# Traced programs and their analyses, most recently used last. Bounded, and kept here
+# rather than on the model's (static, hashed) pytree data: one program per model, input
+# size, dtype and transform, shared by every method's analysis and by the engine, whose
+# per-program tables (``_taylor``) are keyed by the program's identity.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEPT = 64
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def _remember(key, make):
+    with _PROGRAMS_LOCK:
+        if key in _PROGRAMS:
+            _PROGRAMS.move_to_end(key)
+            return _PROGRAMS[key]
+    value = make()
+    with _PROGRAMS_LOCK:
+        value = _PROGRAMS.setdefault(key, value)
+        _PROGRAMS.move_to_end(key)
+        while len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+    return value
+
+
 def trace_program(net: Network, m: int, dtype, tag: str = "program", transform=None) -> _jaxpr.FlatProgram:
     """The flat program of ``(*param_leaves, x) -> y`` for one point ``x`` of shape (m,).
 
-    ``transform`` (cached under ``tag``): trace ``transform(f)(x)`` instead, with ``f`` the
-    model at one point as a vector (e.g. the engine's ``jax.jacrev`` program).
+    ``transform`` (remembered under ``tag``): trace ``transform(f)(x)`` instead, with ``f``
+    the model at one point as a vector (e.g. the engine's ``jax.jacrev`` program).
     """
     leaves, treedef = jax.tree_util.tree_flatten(net.params)
-    key = (tag, m, jnp.dtype(dtype).name, treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves))
-    cached = net.spec.cache.get(key)
-    if cached is not None:
-        return cached
+    shapes = tuple((np.shape(l), jnp.result_type(l)) for l in leaves)
+    key = (net.spec, tag, m, jnp.dtype(dtype).name, treedef, shapes)
 
     def flat_apply(*args):
         params = jax.tree_util.tree_unflatten(treedef, args[:-1])
@@ -230,19 +252,19 @@ def trace_program(net: Network, m: int, dtype, tag: str = "program", transform=N
 
         return (point if transform is None else transform(point))(args[-1])
 
-    specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
-    program = _jaxpr.trace_flat(flat_apply, *specs, jax.ShapeDtypeStruct((m,), dtype))
-    net.spec.cache[key] = program
-    return program
+    def trace():
+        specs = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves]
+        return _jaxpr.trace_flat(flat_apply, *specs, jax.ShapeDtypeStruct((m,), dtype))
+
+    return _remember(key, trace)
 
 
 def mlp_structure(net: Network, m: int, dtype) -> MLPStructure | str:
     """The layered form of ``net`` for inputs of size ``m``, or why it has none."""
     program = trace_program(net, m, dtype)
-    key = ("mlp", id(program))
-    if key not in net.spec.cache:
-        net.spec.cache[key] = _analyse(program)
-    return net.spec.cache[key]
+    kept, structure = _remember(("mlp", id(program)), lambda: (program, _analyse(program)))
+    # An id is reused once its program is gone: the pair keeps the program it was made for.
+    return structure if kept is program else _analyse(program)
 
 
 def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:

@@ -252,3 +252,153 @@ def test_bench_calibrate_says_what_was_in_use_and_writes_the_cache(cache_dir, ca
     assert _calibration.calibrate("float64").rates == fake  # now cached
     assert _bench.main(["--calibrate", "--dtype", "float64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dtypes"]["float64"]["before"]["source"] == "cache"
+
+
+# --------------------------------------------------------------------------------------
+# Method objects: an analysis per model, a compute per batch, one place that decides.
+
+
+def test_a_method_is_an_init_and_a_compute_step():
+    from nnderiv.methods import ALGORITHMS, METHODS, Plan
+
+    case = linen_mlp(3, (16, 16), 2, "tanh")
+    net = nnderiv.from_flax(case.module, case.variables)
+    x = points(3, (6,), seed=2).reshape(-1, 3)
+    for name, method in METHODS.items():
+        plan = method.init(net, 3, x.dtype, 3, x.shape[0])
+        assert isinstance(plan, Plan) and plan.algorithm in ALGORITHMS and plan.analysis.n == 2
+        if name in ("forward", "fwdrev", "jet", "nested"):
+            assert plan.algorithm == name and plan.how == "asked"
+        got = method.compute(plan, net, x)
+        want = METHODS[plan.algorithm](net, x, 3)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    # analytic decides among the Taylor algorithms only
+    assert METHODS["analytic"].init(net, 3, x.dtype, 3, 6).algorithm in ("forward", "fwdrev")
+
+
+def test_the_model_is_analysed_once_per_compilation(monkeypatch):
+    from nnderiv import _network
+
+    case = linen_mlp(3, (8,), 1, "tanh")
+    net = nnderiv.from_flax(case.module, case.variables)
+    calls = []
+    real = _network._analyse
+    monkeypatch.setattr(_network, "_analyse", lambda program: calls.append(1) or real(program))
+    derivs = nnderiv.derivs_fn(net, order=3)
+    derivs(points(3, (4,)))
+    derivs(points(3, (4,), seed=3))
+    assert len(calls) <= 1  # none if an earlier test analysed this model already
+
+
+def test_the_network_carries_no_analysis_state():
+    case = linen_mlp(3, (8,), 1, "tanh")
+    net = nnderiv.from_flax(case.module, case.variables)
+    before = dict(vars(net.spec))
+    nnderiv.derivatives(net, points(3, (2,)), method="auto")
+    assert dict(vars(net.spec)) == before and not hasattr(net.spec, "cache")
+
+
+@pytest.fixture
+def measuring(tmp_path, monkeypatch):
+    """Measured choices with fake timings: ``fake[algorithm]`` seconds per call."""
+    from nnderiv.methods import _measured, _plan
+
+    monkeypatch.setenv(_calibration.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(_calibration.ENV_MODE, "auto")
+    monkeypatch.setattr(_calibration, "probe", lambda *a, **k: rates())
+    _calibration.reset()
+    _measured.reset()
+    fake, timed = {}, []
+
+    class Run:
+        def __init__(self, algorithm):
+            self.algorithm = algorithm
+
+        def __call__(self, x):
+            timed.append(self.algorithm)
+            if fake.get(self.algorithm) is None:
+                raise RuntimeError("this candidate fails")
+            return x
+
+    monkeypatch.setattr(_plan, "_timed_run", lambda net, analysis, order, algorithm: Run(algorithm))
+    monkeypatch.setattr(_measured, "_seconds_per_call", lambda fn, x, target_s: fake[fn.algorithm])
+    yield tmp_path, fake, timed
+    _calibration.reset()
+    _measured.reset()
+
+
+def _equal_rates_net():
+    # Synthetic rates where every algorithm is predicted close: all three are timed.
+    case = linen_mlp(3, (16, 16), 1, "tanh")
+    return nnderiv.from_flax(case.module, case.variables)
+
+
+def test_close_candidates_are_timed_and_the_fastest_is_kept(measuring):
+    from nnderiv.methods import _measured
+
+    path, fake, timed = measuring
+    net = _equal_rates_net()
+    x = points(3, (8,))
+    model_pick = choose(net, 3, x.dtype, 3, 8)
+    slowest_predicted = "nested" if model_pick != "nested" else "forward"
+    fake.update({"forward": 3.0, "fwdrev": 3.0, "nested": 3.0, slowest_predicted: 1.0})
+    derivs = nnderiv.derivs_fn(net, order=3)
+    got = derivs(x)
+    if slowest_predicted not in set(timed):
+        pytest.skip("the cost model did not find the candidates close on this machine's rates")
+    assert choose(net, 3, x.dtype, 3, 8) == slowest_predicted  # choose() reports the measured choice
+    want = nnderiv.derivatives(net, x, method=slowest_predicted)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=0)  # auto ran the measured winner
+    saved = json.loads((path / "choices.json").read_text())
+    assert [v["algorithm"] for v in saved["choices"].values()] == [slowest_predicted]
+    # A new process (memory forgotten) reads the disk; nothing is timed again.
+    _measured.reset()
+    timed.clear()
+    nnderiv.derivs_fn(net, order=3)(x)
+    assert timed == [] and choose(net, 3, x.dtype, 3, 8) == slowest_predicted
+    # Another machine's cache is not used.
+    saved["fingerprint"]["cpu"] = "another CPU"
+    (path / "choices.json").write_text(json.dumps(saved))
+    _measured.reset()
+    assert _measured.lookup(next(iter(saved["choices"]))) is None
+
+
+def test_measuring_is_off_for_one_off_calls_traced_parameters_and_mode_off(measuring, monkeypatch):
+    import jax
+
+    from nnderiv.methods import _measured
+
+    _, fake, timed = measuring
+    fake.update({"forward": 1.0, "fwdrev": 1.0, "nested": 1.0})
+    net = _equal_rates_net()
+    x = points(3, (8,))
+    nnderiv.derivatives(net, x)  # one call: the cost model decides
+    assert timed == []
+    jax.jit(lambda net, x: nnderiv.derivs_fn(net, 3)(x).value)(net, x)  # parameters are tracers
+    assert timed == []
+    monkeypatch.setenv(_calibration.ENV_MODE, "off")
+    _measured.reset()
+    nnderiv.derivs_fn(net, 3)(x)
+    assert timed == []
+
+
+def test_a_failing_candidate_leaves_the_cost_models_choice(measuring):
+    _, fake, timed = measuring
+    net = _equal_rates_net()
+    x = points(3, (8,))
+    model_pick = choose(net, 3, x.dtype, 3, 8)
+    fake.update({"forward": 1.0, "fwdrev": 1.0, "nested": None})  # nested raises
+    nnderiv.derivs_fn(net, 3)(x)
+    assert choose(net, 3, x.dtype, 3, 8) == model_pick
+
+
+def test_bench_calibrate_forgets_the_measured_choices(measuring, capsys):
+    from nnderiv import bench as _bench
+
+    path, fake, _ = measuring
+    (path / "choices.json").write_text("{}")
+    assert _bench.main(["--calibrate", "--dtype", "float64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "removed" in report["measured_choices"] and not (path / "choices.json").exists()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import nnderiv
 from nnderiv import _taylor
 from nnderiv._taylor import _tables
-from nnderiv.methods.analytic import forward_method, fwdrev_method
+from nnderiv.methods import forward_method, fwdrev_method
 
 from . import _models, _reference
 from .helpers import assert_derivatives_close, relative_error

@@ -259,15 +259,16 @@ def method_fn(net, method: str) -> Callable:
     return nnderiv.derivs_fn(net, order=3, method=method)
 
 
-def auto_choice(net, m: int, dtype: str) -> str | None:
-    """The kernel ``auto`` runs, where ``nnderiv.methods.choose`` says."""
+def auto_choice(net, m: int, dtype: str, batch: int = 1024) -> str | None:
+    """The kernel ``auto`` runs for ``batch`` points, where ``nnderiv.methods.choose`` says
+    (after auto's ``derivs_fn`` ran: its measured choice, if it timed the candidates)."""
     import nnderiv.methods
 
     choose = getattr(nnderiv.methods, "choose", None)
     if choose is None:
         return None
     try:
-        return str(choose(net, m, jnp.dtype(dtype), 3))
+        return str(choose(net, m, jnp.dtype(dtype), 3, batch))
     except Exception as err:  # noqa: BLE001 - informational only
         return f"? ({type(err).__name__})"
 
@@ -521,7 +522,7 @@ def run_config(cfg: Config, group: str, dtype: str, methods: list[str], gemm: di
         "dtype": dtype,
         **dataclasses.asdict(cfg),
         "widths": list(cfg.widths),
-        "auto_choice": auto_choice(net, cfg.m, dtype),
+        "auto_choice": auto_choice(net, cfg.m, dtype, cfg.batch),
     }
     results: dict[str, dict[str, Any]] = {}
     reference = None  # nested AD on x[:ref_n], float64 NumPy
@@ -619,6 +620,8 @@ def run_config(cfg: Config, group: str, dtype: str, methods: list[str], gemm: di
     checks["rtol"] = RTOL[dtype]
     checked = [c for k, c in checks.items() if isinstance(c, dict) and "agree" in c]
     checks["all_agree"] = bool(checked) and all(c["agree"] is True for c in checked)
+    # What auto ran: its derivs_fn may have timed the candidates while compiling.
+    entry["auto_choice"] = auto_choice(net, cfg.m, dtype, cfg.batch)
     entry["results"] = {m: results[m] for m in methods if m in results}
     entry["check"] = checks
     entry.update(_derived(entry, cfg, gemm))
@@ -747,7 +750,7 @@ def run_latency(cfg: Config, dtype: str, methods: list[str], opts: Options) -> d
     timed = _time_all(prepared, opts.latency_target_s, max_repeats=4000, rounds=20)
     entry: dict[str, Any] = {"name": cfg.name, "dtype": dtype, "m": cfg.m, "widths": list(cfg.widths), "n": cfg.n}
     entry["activation"] = cfg.activation
-    entry["auto_choice"] = auto_choice(net, cfg.m, dtype)
+    entry["auto_choice"] = auto_choice(net, cfg.m, dtype, 1)
     fwd = entry[FORWARD_PASS] = timed[FORWARD_PASS][0]
     reference = _separate_reference(net, x[None])
     rows = {}
@@ -849,7 +852,7 @@ def run_model(kind: str, cfg: Config, dtype: str, opts: Options) -> dict[str, An
     reference = timed[REFERENCE][1]
     reference = None if reference is None else tuple(np.asarray(f[:ref_n], np.float64) for f in reference)
     entry: dict[str, Any] = {"name": f"{kind}-{cfg.name}", "kind": kind, "dtype": dtype, **dataclasses.asdict(cfg)}
-    entry["auto_choice"] = auto_choice(net, cfg.m, dtype)
+    entry["auto_choice"] = auto_choice(net, cfg.m, dtype, cfg.batch)
     rows = {}
     for method in MODEL_METHODS:
         rec, out = timed[method]
@@ -923,7 +926,7 @@ def run_scan(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict
             prepared[method] = (simulation(lambda u, derivs=derivs: tuple(derivs(u))), (x0,))
     timed = _time_all(prepared, opts.target_s, max_repeats=50)
     entry: dict[str, Any] = {"name": cfg.name, "dtype": dtype, "m": cfg.m, "widths": list(cfg.widths), "n": cfg.n}
-    entry.update(activation=cfg.activation, steps=opts.steps, auto_choice=auto_choice(net, cfg.m, dtype))
+    entry.update(activation=cfg.activation, steps=opts.steps, auto_choice=auto_choice(net, cfg.m, dtype, 1))
     rows, finals = {}, {}
     for method in methods:
         rec, out = timed[method]
@@ -1332,7 +1335,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None, prog: str = "ben
         "--calibrate",
         action="store_true",
         help="measure this machine's rates for auto's cost model now (about a second), write them to the "
-        "cache, say which rates were in use before, and exit",
+        "cache, say which rates were in use before, forget the choices auto measured, and exit",
     )
     return p
 
@@ -1369,6 +1372,11 @@ def run_calibration(args: argparse.Namespace) -> int:
         )
         out["dtypes"][dtype] = {"before": _calibration_record(before), "after": _calibration_record(after)}
     _calibration.reset()
+    from nnderiv.methods import _measured
+
+    # Choices timed under the old rates (or on a busier machine) are measured again.
+    out["measured_choices"] = _measured.forget()
+    console.print(f"measured choices of auto: {out['measured_choices']}; the next derivs_fn times them anew")
     if args.json:
         sys.stdout.write(json.dumps(_json_safe(out), indent=1) + "\n")
     return 0

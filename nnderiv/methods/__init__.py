@@ -1,65 +1,53 @@
-"""The table of methods: name -> ``(net, x (B, m), order) -> Derivatives``."""
+"""The methods, by name: :class:`Method` objects with an ``init`` (analysis, once per model
+and shape) and a ``compute`` (per batch) step; calling one, ``METHODS[name](net, x, order)``,
+runs both.
+
+``"forward"`` and ``"fwdrev"`` run one Taylor algorithm each (the hand-written kernels for
+an MLP up to order 3, the Taylor engine for any other model or order); ``"analytic"``
+runs the faster of the two, ``"auto"`` the fastest of those and nested AD, as decided by
+:func:`select` (``_plan``); ``"jet"`` and ``"nested"`` are the references.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from .. import _native, _network, _taylor
-from .._derivatives import Derivatives
-from . import _cost
-from .analytic import analytic_method, forward_method, fwdrev_method
-from .jet import jet_method
-from .nested import nested
-
-Method = Callable[[_network.Network, object, int], Derivatives]
+from .. import _network
+from ._plan import (
+    ALGORITHMS,
+    Analysis,
+    Method,
+    Plan,
+    analyse,
+    analytic_method,
+    auto_method,
+    forward_method,
+    fwdrev_method,
+    jet_method_obj,
+    nested_method,
+    select,
+)
 
 
 def choose(net, m: int, dtype, order: int, batch: int = 1024) -> str:
-    """The method ``"auto"`` runs for ``batch`` points of ``m`` inputs of ``dtype`` at ``order``.
+    """The algorithm ``method="auto"`` runs for ``batch`` points of ``m`` inputs of ``dtype`` at ``order``.
 
-    For an MLP, the cheapest of ``"forward"``, ``"fwdrev"`` and ``"nested"`` by the cost
-    model of :mod:`nnderiv.methods._cost`, with this machine's rates
-    (:mod:`nnderiv.methods._calibration`). For any other model the Taylor engine's forward or
-    forward-over-reverse algorithm, or nested AD, whichever does the fewest matrix-product
-    flops per point (counted by interpreting the programs abstractly); ``"nested"`` where
-    the engine does not apply.
+    One of ``"forward"``, ``"fwdrev"`` and ``"nested"``: the cheapest by the cost model
+    (:mod:`nnderiv.methods._cost` for MLPs, with this machine's rates; the engine's flop
+    counts for other models), or the one measured fastest on this machine where a
+    ``derivs_fn`` timed the close candidates before (:mod:`nnderiv.methods._measured`);
+    ``"nested"`` where the Taylor engine does not apply.
     """
-    structure = _network.mlp_structure(net, m, dtype)
-    if isinstance(structure, str):
-        return _choose_general(net, m, dtype, order)
-    layers = [(s.fan_in, s.fan_out) for s in structure.stages if isinstance(s, _network.AffineStage)]
-    stages = _network.runtime_stages(net, structure, structure.dtype)
-    native = _native.applies(stages, _cost._ShapeOnly((batch, m), structure.dtype), order)
-    return _cost.choose(layers, m, structure.output_dim, order, structure.dtype, batch, native=native)
-
-
-def _choose_general(net, m: int, dtype, order: int) -> str:
-    if order == 0:
-        return "forward"
-    try:
-        work = _taylor.work(net, m, dtype, order)
-    except _network.UnsupportedModelError:
-        return "nested"
-    n = _network.output_dim(net, m, dtype)
-    # Nested AD: jacrev pushes 1 + n columns through the model's products, each jacfwd
-    # multiplies them by 1 + m (the primal and m tangents).
-    costs = {
-        "forward": work["forward"],
-        "fwdrev": work["fwdrev"],
-        "nested": work["plain"] * (1 + n) * (1 + m) ** (order - 1),
-    }
-    return min(costs, key=costs.get)
-
-
-def auto(net, x, order: int) -> Derivatives:
-    return METHODS[choose(net, x.shape[-1], x.dtype, order, x.shape[0])](net, x, order)
+    if not isinstance(net, _network.Network):
+        raise TypeError(f"expected an nnderiv.Network, got {type(net).__name__}")
+    return auto_method.init(net, m, dtype, order, batch).algorithm
 
 
 METHODS: dict[str, Method] = {
-    "auto": auto,
+    "auto": auto_method,
     "analytic": analytic_method,
     "forward": forward_method,
     "fwdrev": fwdrev_method,
-    "jet": jet_method,
-    "nested": nested,
+    "jet": jet_method_obj,
+    "nested": nested_method,
 }
+
+__all__ = ["ALGORITHMS", "METHODS", "Analysis", "Method", "Plan", "analyse", "choose", "select"]

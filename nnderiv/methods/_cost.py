@@ -88,13 +88,6 @@ class Work:
         return sum(f for _, f in self.matmuls)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    kernel: str
-    chunk: int
-    cost: dict
-
-
 def columns(algorithm: str, m: int, n: int, order: int) -> int:
     """Columns per point that ``algorithm`` pushes through each layer at ``order`` >= 1.
 
@@ -197,21 +190,8 @@ class _ShapeOnly:
         return len(self.shape)
 
 
-def _layers_of(stages) -> list[tuple[int, int]]:
-    from .. import _network
-
-    return [tuple(s.weight.shape) for s in stages if isinstance(s, _network.RuntimeAffine)]
-
-
-def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | None) -> Plan:
-    """The kernel (``kernel``, or the cheaper analytic one) and its chunk size for ``batch`` points."""
-    from .. import _native
-
-    layers = _layers_of(stages)
-    native = _native.applies(stages, _ShapeOnly((batch, m), dtype), order)
-    costs = predicted_seconds(layers, m, n, order, dtype, batch, native=native)
-    if kernel is None:
-        kernel = min(ANALYTIC, key=costs.get)
+def chunk_size(kernel: str, layers, batch: int, m: int, n: int, order: int, dtype) -> int:
+    """Points per chunk for an XLA kernel of ``kernel`` on ``batch`` points (``batch``: no chunking)."""
     k = columns(kernel, m, n, order)
     widest = max([1] + [max(shape) for shape in layers])
     itemsize = 8 if "64" in str(dtype) else 4
@@ -219,7 +199,7 @@ def plan(stages, batch: int, m: int, n: int, order: int, dtype, kernel: str | No
     if batch * per_point <= 2 * _CHUNK_BYTES:
         # The whole batch fits: a loop would only add per-iteration overhead (measured 5x
         # slower than nested AD on a 1x16 tanh net at batch 8192 when chunked by 512).
-        return Plan(kernel, batch, costs)
+        return batch
     chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
     chunk = 1 << (chunk.bit_length() - 1)  # a power of two
-    return Plan(kernel, chunk if batch > 2 * chunk else batch, costs)
+    return chunk if batch > 2 * chunk else batch

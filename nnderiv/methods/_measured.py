@@ -1,0 +1,222 @@
+"""Measured choices: time the algorithms the cost model cannot tell apart, once per machine.
+
+The cost model (``_cost``) predicts from counts and a few machine rates; its ratios
+between algorithms were measured off by up to 1.8x on a second CPU of the same kind (the
+native forward kernel against XLA's forward-over-reverse, 64x3 nets with 6-8 inputs). Where
+the predictions of two or more algorithms are within :data:`CLOSE` of each other and a
+``derivs_fn`` is being compiled for concrete parameters, :func:`measure` runs each
+candidate on points of the batch's shape and keeps the fastest, the way FFTW plans by
+measuring.
+
+* A choice is cached in memory and in ``choices.json`` next to the calibration
+  (``$NNDERIV_CACHE_DIR``, or the user's cache directory), keyed by the calibration's
+  machine fingerprint and a signature of the model's structure (layer sizes and
+  activations, or the program's primitives and shapes), order, dtype and batch size
+  (rounded to a power of two). Another CPU, core count or JAX version measures again.
+* ``NNDERIV_CALIBRATION=off`` turns measuring off (the cost model decides); ``probe``
+  measures again and rewrites the cached choice. Nothing here raises: a failed
+  measurement leaves the cost model's choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import hashlib
+import json
+import os
+import threading
+import time
+
+import jax
+import numpy as np
+
+from . import _calibration
+
+SCHEMA = "nnderiv-choices/1"
+#: Candidates predicted within this factor of the cheapest are timed.
+CLOSE = 3.0
+#: Points timed at most: per-point costs are flat beyond a few thousand points.
+MAX_POINTS = 4096
+
+_MEMORY: dict[str, str] = {}
+_LOCK = threading.Lock()
+_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("nnderiv_measure_choices", default=False)
+
+
+@contextlib.contextmanager
+def allowed():
+    """Within the block, methods may time their candidates (``derivs_fn`` compiling for reuse)."""
+    token = _ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
+def requested() -> bool:
+    return _ALLOWED.get()
+
+
+def enabled(net) -> bool:
+    """Whether to measure for ``net``: the mode allows it and the parameters are concrete."""
+    if _calibration.mode() == "off":
+        return False
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(net))
+
+
+def cache_path():
+    return _calibration.cache_path().with_name("choices.json")
+
+
+def _bucket(batch: int) -> int:
+    """The batch size rounded up to a power of two (choices do not change within a factor 2)."""
+    return 1 << max(int(batch) - 1, 0).bit_length()
+
+
+def _mlp_signature(structure) -> str:
+    parts = []
+    for stage in structure.stages:
+        if hasattr(stage, "fan_in"):
+            parts.append(f"A{stage.fan_in}x{stage.fan_out}{'b' if stage.biases else ''}")
+        else:
+            parts.append(f"S{stage.activation.name if stage.activation is not None else 'generic'}")
+    return "mlp:" + ",".join(parts)
+
+
+def signature(net, analysis, order: int, batch: int, candidates) -> str:
+    """The key of a measured choice: model structure, order, dtype, batch bucket, candidates."""
+    if analysis.structure is not None:
+        model = _mlp_signature(analysis.structure)
+    else:
+        from .. import _network
+
+        program = _network.trace_program(net, analysis.m, analysis.dtype)
+        text = "|".join(
+            f"{e.primitive.name}:{[tuple(getattr(o, 'shape', ())) for o in e.outputs]}" for e in program.eqns
+        )
+        model = "program:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return (
+        f"{model}|m{analysis.m}|n{analysis.n}|k{order}|{np.dtype(analysis.dtype).name}|b{_bucket(batch)}"
+        f"|{','.join(candidates)}"
+    )
+
+
+def _fingerprint() -> dict | None:
+    try:
+        return _calibration.fingerprint()
+    except Exception:  # noqa: BLE001 - no backend: nothing to key on
+        return None
+
+
+def _read_file() -> dict:
+    fp = _fingerprint()
+    try:
+        data = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("fingerprint") != fp:
+        return {}
+    choices = data.get("choices")
+    return choices if isinstance(choices, dict) else {}
+
+
+def lookup(key: str) -> str | None:
+    """A choice measured before for ``key`` (this process, or this machine's cache), or None."""
+    if _calibration.mode() in ("off", "probe"):
+        return _MEMORY.get(key) if _calibration.mode() == "probe" else None
+    with _LOCK:
+        if key in _MEMORY:
+            return _MEMORY[key]
+    entry = _read_file().get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("algorithm"), str):
+        with _LOCK:
+            _MEMORY[key] = entry["algorithm"]
+        return entry["algorithm"]
+    return None
+
+
+def _write(key: str, entry: dict) -> None:
+    fp = _fingerprint()
+    if fp is None:
+        return
+    path = cache_path()
+    with _LOCK:
+        choices = _read_file()
+        choices[key] = entry
+        data = {"schema": SCHEMA, "fingerprint": fp, "choices": choices}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
+        except OSError:
+            pass  # an unwritable cache only means measuring again next time
+
+
+def _seconds_per_call(fn, x, target_s: float) -> float:
+    reps, elapsed = 0, 0.0
+    start = time.perf_counter()
+    while reps < 3 or (elapsed < target_s and reps < 200):
+        jax.block_until_ready(fn(x))
+        reps += 1
+        elapsed = time.perf_counter() - start
+    return elapsed / reps
+
+
+def measure(key: str, runs: dict, analysis, batch: int, rounds: int = 3, target_s: float = 0.02) -> str | None:
+    """Time ``runs`` (algorithm -> jitted ``x -> fields``) on points like the batch; the fastest.
+
+    Rounds are interleaved and each algorithm keeps its best round, so a burst of
+    another process's work does not decide. Returns None if any candidate fails.
+    """
+    points = max(1, min(int(batch), MAX_POINTS))
+    rng = np.random.default_rng(0)
+    host_x = rng.uniform(-1.0, 1.0, (points, analysis.m)).astype(analysis.dtype)
+    best = {name: float("inf") for name in runs}
+    failed = []
+
+    def timing():
+        # In a thread of its own: JAX's trace state is per thread, so the candidates run
+        # compiled and concrete even when the caller is tracing (a derivs_fn compiling).
+        try:
+            x = jax.device_put(host_x)
+            for fn in runs.values():
+                jax.block_until_ready(fn(x))  # compile and warm up
+            for _ in range(rounds):
+                for name, fn in runs.items():
+                    best[name] = min(best[name], _seconds_per_call(fn, x, target_s))
+        except Exception as err:  # noqa: BLE001 - measuring must never break a derivative call
+            failed.append(err)
+
+    worker = threading.Thread(target=timing, name="nnderiv-measure", daemon=True)
+    worker.start()
+    worker.join()
+    if failed:
+        return None
+    choice = min(best, key=best.get)
+    with _LOCK:
+        _MEMORY[key] = choice
+    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    _write(key, {"algorithm": choice, "seconds_per_point": {k: v / points for k, v in best.items()}, "measured": when})
+    return choice
+
+
+def reset() -> None:
+    """Forget the choices measured in this process (the disk cache stays)."""
+    with _LOCK:
+        _MEMORY.clear()
+
+
+def forget() -> str:
+    """Forget every measured choice, in this process and on disk; says what was done."""
+    reset()
+    path = cache_path()
+    try:
+        path.unlink()
+        return f"removed {path}"
+    except FileNotFoundError:
+        return f"no measured choices at {path}"
+    except OSError as err:
+        return f"could not remove {path} ({type(err).__name__}: {err})"

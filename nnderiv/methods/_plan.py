@@ -1,0 +1,279 @@
+"""Method objects: an analysis step per model, a compute step per batch, one place that decides.
+
+Every method (``"forward"``, ``"fwdrev"``, ``"analytic"``, ``"jet"``, ``"nested"``,
+``"auto"``) is a :class:`Method` with two steps, as a linear solver has ``init`` and
+``compute``:
+
+* :meth:`Method.init` analyses the model once for an input size, dtype, order and batch
+  size (the flat program, its layered form if it is an MLP, the output size, whether the
+  native kernel applies) and decides which *algorithm* runs, returning a :class:`Plan`;
+* :meth:`Method.compute` runs the plan's algorithm on a batch ``x`` of shape ``(B, m)``.
+
+The decision is made in one function, :func:`select`, for ``auto`` (among every
+algorithm) and ``analytic`` (among the two Taylor algorithms): the cost model's
+prediction (``_cost`` for MLPs, the engine's flop counts for other models), refined on
+request by timing the close candidates on this machine (``_measured``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import _batching, _native, _network, _taylor
+from .._derivatives import Derivatives
+from . import _cost, _measured
+from .forward import forward_stack, unpack
+from .fwdrev import fwdrev_kernel
+from .jet import jet_method
+from .nested import nested
+
+#: What :meth:`Method.compute` can run.
+ALGORITHMS = ("forward", "fwdrev", "jet", "nested")
+TAYLOR = ("forward", "fwdrev")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Analysis:
+    """One model at one input size and dtype, analysed once.
+
+    Attributes:
+      m: inputs per point.
+      dtype: the dtype of the points.
+      n: outputs per point.
+      structure: the layered form (affine layers and elementwise activations), or None.
+      why_not_mlp: why there is no layered form (None for an MLP).
+    """
+
+    m: int
+    dtype: Any
+    n: int
+    structure: _network.MLPStructure | None
+    why_not_mlp: str | None
+
+    @property
+    def layers(self) -> list[tuple[int, int]]:
+        """The affine layers as (fan_in, fan_out), input layer first (MLPs only)."""
+        return [(s.fan_in, s.fan_out) for s in self.structure.stages if isinstance(s, _network.AffineStage)]
+
+    def stages(self, net):
+        """The runtime stages (weights as arrays, activations as functions) of an MLP."""
+        return _network.runtime_stages(net, self.structure, self.structure.dtype)
+
+
+def analyse(net: _network.Network, m: int, dtype) -> Analysis:
+    """Trace and analyse ``net`` for points of ``m`` inputs of ``dtype``."""
+    structure = _network.mlp_structure(net, m, dtype)
+    why = structure if isinstance(structure, str) else None
+    return Analysis(m, jnp.dtype(dtype), _network.output_dim(net, m, dtype), None if why else structure, why)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """What :meth:`Method.compute` runs for a batch.
+
+    Attributes:
+      algorithm: one of :data:`ALGORITHMS`.
+      analysis: the model's :class:`Analysis`.
+      order: the highest derivative order.
+      batch: the number of points the plan was made for.
+      how: how the algorithm was decided: ``"asked"``, ``"order 0"``, ``"only one applies"``,
+        ``"cost model"`` or ``"measured"``.
+      fallback: the engine may run the other Taylor algorithm when this one meets a
+        primitive it has no rule for (``analytic`` and ``auto``, not an explicit ``forward``).
+    """
+
+    algorithm: str
+    analysis: Analysis
+    order: int
+    batch: int
+    how: str
+    fallback: bool = False
+
+
+# --------------------------------------------------------------------------------------
+# The decision.
+
+
+def _engine_work(net, analysis: Analysis, order: int) -> dict[str, float] | None:
+    """Matrix-product flops per point of the engine's algorithms and of nested AD, or None."""
+    try:
+        work = _taylor.work(net, analysis.m, analysis.dtype, order)
+    except _network.UnsupportedModelError:
+        return None
+    m, n = analysis.m, analysis.n
+    # Nested AD: jacrev pushes 1 + n columns through the model's products, each jacfwd
+    # multiplies them by 1 + m (the primal and m tangents).
+    return {
+        "forward": work["forward"],
+        "fwdrev": work["fwdrev"],
+        "nested": work["plain"] * (1 + n) * (1 + m) ** (order - 1),
+    }
+
+
+def native_applies(net, analysis: Analysis, order: int, batch: int) -> bool:
+    """Whether the forward algorithm of this MLP would run on the native kernel."""
+    if analysis.structure is None or order > 3:
+        return False
+    shape = _cost._ShapeOnly((batch, analysis.m), analysis.structure.dtype)  # noqa: SLF001
+    return _native.applies(analysis.stages(net), shape, order)
+
+
+def predictions(net, analysis: Analysis, order: int, batch: int) -> dict[str, float]:
+    """Predicted cost per point of each applicable algorithm (seconds for MLPs, flops otherwise).
+
+    Only ratios within one model mean anything. Jet is never predicted (never ``auto``'s pick).
+    """
+    if analysis.structure is not None and order <= 3:
+        native = native_applies(net, analysis, order, batch)
+        layers, dtype = analysis.layers, analysis.structure.dtype
+        return _cost.predicted_seconds(layers, analysis.m, analysis.n, order, dtype, batch, native=native)
+    work = _engine_work(net, analysis, order)
+    return {"nested": 1.0} if work is None else work
+
+
+def select(net, analysis: Analysis, order: int, batch: int, among=ALGORITHMS, measure: bool = False):
+    """The algorithm in ``among`` that runs, and how it was decided: ``(algorithm, how)``.
+
+    The cost model's cheapest; with ``measure``, candidates predicted within a few times
+    of it are timed on this machine instead (cached per machine; see ``_measured``), as a
+    cost model fitted anywhere can be off by that much on another CPU.
+    """
+    if order == 0:
+        return "forward", "order 0"  # a plain forward pass, whatever the method
+    costs = {a: c for a, c in predictions(net, analysis, order, batch).items() if a in among}
+    if not costs:
+        return among[0], "only one applies"
+    if len(costs) == 1:
+        return next(iter(costs)), "only one applies"
+    best = min(costs, key=costs.get)
+    key = _measured.signature(net, analysis, order, batch, sorted(costs))
+    known = _measured.lookup(key)
+    if known in costs:
+        return known, "measured"
+    if measure and _measured.enabled(net):
+        close = [a for a in costs if costs[a] <= _measured.CLOSE * costs[best]]
+        if len(close) > 1:
+            timed = _measured.measure(key, {a: _timed_run(net, analysis, order, a) for a in close}, analysis, batch)
+            if timed is not None:
+                return timed, "measured"
+    return best, "cost model"
+
+
+def _timed_run(net, analysis: Analysis, order: int, algorithm: str):
+    """``x -> fields`` running ``algorithm`` (with ``net`` baked in, as ``derivs_fn`` does)."""
+    plan = Plan(algorithm, analysis, order, 0, "asked", fallback=True)
+
+    def run(x):
+        return tuple(f for f in _compute(plan, net, x) if f is not None)
+
+    return jax.jit(run)
+
+
+# --------------------------------------------------------------------------------------
+# The compute.
+
+
+def _value_only(stages, x):
+    value = x
+    for stage in stages:
+        if isinstance(stage, _network.RuntimeAffine):
+            value = value @ stage.weight + (0 if stage.bias is None else stage.bias)
+        else:
+            value = stage(value)
+    return Derivatives(value)
+
+
+def _mlp_kernel(plan: Plan, net, x: jax.Array) -> Derivatives:
+    """The hand-written kernels of an MLP up to order 3 (the native one for forward, if it applies)."""
+    analysis, order = plan.analysis, plan.order
+    stages = analysis.stages(net)
+    x = x.astype(analysis.structure.dtype)
+    if order == 0:
+        return _value_only(stages, x)
+    if plan.algorithm == "forward":
+        native = _native.native_derivatives(stages, x, order, _native.requested_layout())
+        if native is not None:
+            return Derivatives(*native)
+    n, m = analysis.n, analysis.m
+    chunk = _cost.chunk_size(plan.algorithm, analysis.layers, x.shape[0], m, n, order, x.dtype)
+    if plan.algorithm == "forward":
+        kernel = lambda xs: unpack(forward_stack(stages, xs, order), m, order)  # noqa: E731
+    else:
+        kernel = lambda xs: fwdrev_kernel(stages, xs, n, order)  # noqa: E731
+    return _batching.over_chunks(kernel, x, chunk)
+
+
+def _engine(plan: Plan, net, x: jax.Array) -> Derivatives:
+    algorithms = {"forward": _taylor.forward, "fwdrev": _taylor.fwdrev}
+    try:
+        return algorithms[plan.algorithm](net, x, plan.order)
+    except _network.UnsupportedModelError:
+        if not plan.fallback:
+            raise
+        # The other program may have rules for everything (jacrev turns a cumprod into
+        # sums and products); if neither has, its error names the primitive.
+        other = "fwdrev" if plan.algorithm == "forward" else "forward"
+        return algorithms[other](net, x, plan.order)
+
+
+def _compute(plan: Plan, net, x: jax.Array) -> Derivatives:
+    if plan.algorithm == "jet":
+        return jet_method(net, x, plan.order)
+    if plan.algorithm == "nested":
+        return nested(net, x, plan.order)
+    if plan.analysis.structure is not None and plan.order <= 3:
+        return _mlp_kernel(plan, net, x)
+    return _engine(plan, net, x)
+
+
+# --------------------------------------------------------------------------------------
+# The methods.
+
+
+class Method:
+    """A way to compute derivatives: :meth:`init` once per model and shape, :meth:`compute` per batch.
+
+    Calling a method, ``method(net, x, order)``, is ``compute(init(...), net, x)``.
+    """
+
+    name: str = ""
+    #: the algorithms this method chooses among (one: it runs that one)
+    among: tuple[str, ...] = ()
+
+    def init(
+        self, net, m: int, dtype, order: int, batch: int, analysis: Analysis | None = None, measure: bool = False
+    ) -> Plan:
+        """Analyse ``net`` (unless ``analysis`` is given) and decide what runs for ``batch`` points."""
+        analysis = analysis or analyse(net, m, dtype)
+        if len(self.among) == 1:
+            algorithm = self.among[0]
+            return Plan(algorithm, analysis, order, batch, "asked")
+        algorithm, how = select(net, analysis, order, batch, self.among, measure)
+        return Plan(algorithm, analysis, order, batch, how, fallback=True)
+
+    def compute(self, plan: Plan, net, x: jax.Array) -> Derivatives:
+        """The derivatives of ``net`` at the points ``x`` (B, m), packed, as ``plan`` says."""
+        return _compute(plan, net, x)
+
+    def __call__(self, net, x: jax.Array, order: int) -> Derivatives:
+        return self.compute(self.init(net, x.shape[-1], x.dtype, order, x.shape[0]), net, x)
+
+    def __repr__(self) -> str:
+        return f"<nnderiv method {self.name!r}>"
+
+
+def _method(name: str, among: tuple[str, ...], doc: str) -> Method:
+    cls = type(f"{name.capitalize()}Method", (Method,), {"name": name, "among": among, "__doc__": doc})
+    return cls()
+
+
+forward_method = _method("forward", ("forward",), "Packed forward Taylor arithmetic at order k.")
+fwdrev_method = _method("fwdrev", ("fwdrev",), "Forward to order k - 1 over a reverse sweep.")
+analytic_method = _method("analytic", TAYLOR, "The faster of forward and fwdrev for this model and batch.")
+jet_method_obj = _method("jet", ("jet",), "jax.experimental.jet along C(m+k-1, k) directions.")
+nested_method = _method("nested", ("nested",), "Nested jacfwd over jacrev.")
+auto_method = _method("auto", ("forward", "fwdrev", "nested"), "The fastest algorithm that applies.")
