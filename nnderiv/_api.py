@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from . import _batching, _native, _network
 from ._derivatives import Derivatives
 from ._shapes import Points
-from .methods import METHODS, _measured
+from .methods import METHODS, Method, _measured
 
 #: The orders with a named field of :class:`Derivatives` (value, jacobian, hessian, third).
 #: Any integer order >= 0 can be asked for; ``d.derivative(k)`` reads every one.
@@ -230,9 +230,12 @@ def _derivatives(net: _network.Network, x: jax.Array, order: int, method: str, l
     batch_shape, m = x.shape[:-1], x.shape[-1]
     check_memory(net, math.prod(batch_shape), m, x.dtype, order, layout)
     chosen = METHODS[method]
-    plan = chosen.init(net, m, x.dtype, order, math.prod(batch_shape), measure=_measured.requested())
     with _native.layout_request(layout):  # the native kernel writes the full layout itself
-        result = chosen.compute(plan, net, x.reshape(-1, m))
+        if isinstance(chosen, Method):
+            plan = chosen.init(net, m, x.dtype, order, math.prod(batch_shape), measure=_measured.requested())
+            result = chosen.compute(plan, net, x.reshape(-1, m))
+        else:  # a plain function (net, x (B, m), order) -> Derivatives put in the table
+            result = chosen(net, x.reshape(-1, m), order)
     # Every method returns packed tensors (orders >= 2 hold their unique entries), except
     # the native kernel asked for the full layout.
     result = Derivatives(*result, layout="full" if _native.is_full(result) else "packed", m=m)
