@@ -100,9 +100,7 @@ def deviation(actual: Iterable, expected: Iterable) -> dict[str, float]:
 
     Fields that are ``None`` in ``expected`` are left out.
     """
-    return {
-        name: relative_error(a, e) for name, a, e in zip(FIELDS, actual, expected) if e is not None
-    }
+    return {name: relative_error(a, e) for name, a, e in zip(FIELDS, actual, expected) if e is not None}
 
 
 def agrees(per_field: Mapping[str, float], dtype, rtol_override: float | None = None) -> bool:

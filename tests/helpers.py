@@ -40,4 +40,3 @@ def assert_derivatives_close(actual, expected, rtol: float | None = None, label:
             )
         worst = max(worst, err)
     return worst
-

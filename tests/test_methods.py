@@ -124,4 +124,3 @@ def test_against_extended_precision_reference(activation, m, widths, n):
     expected = _reference.reference_derivatives(case.layers, case.activations, x, order=3, dps=40)
     for method, result in _all_methods(case, x).items():
         assert_derivatives_close(result, expected, label=f"{activation} {method} vs mpmath")
-

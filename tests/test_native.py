@@ -83,10 +83,14 @@ def _check(stages, x, order, layout, dtype="float64", label=""):
             raise
     # An ill-conditioned point (deep gelu nets, m = 6: both kernels differ from nested AD
     # by ~1e-11 there): the native kernel must then be as close to nested AD as XLA is.
-    full = [nnderiv._derivatives.expand_packed(f, x.shape[-1], k, -1) if layout == "packed" and k >= 2 else f
-            for k, f in enumerate(got)]
-    full_want = [nnderiv._derivatives.expand_packed(f, x.shape[-1], k, -1) if layout == "packed" and k >= 2 else f
-                 for k, f in enumerate(want)]
+    full = [
+        nnderiv._derivatives.expand_packed(f, x.shape[-1], k, -1) if layout == "packed" and k >= 2 else f
+        for k, f in enumerate(got)
+    ]
+    full_want = [
+        nnderiv._derivatives.expand_packed(f, x.shape[-1], k, -1) if layout == "packed" and k >= 2 else f
+        for k, f in enumerate(want)
+    ]
     nested = _nested(stages, x, order)
     for k, (a, b, c) in enumerate(zip(full, full_want, nested)):
         err_native, err_xla = relative_error(a, c), relative_error(b, c)
@@ -320,9 +324,10 @@ def test_disabled_by_environment(fresh_state, monkeypatch):
     got, caught = _fallback_results(net, x)
     assert not caught
     assert _native.status()["state"] == "disabled"
-    assert _native.TARGET not in jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, "forward", "full")).lower(
-        x
-    ).as_text()
+    assert (
+        _native.TARGET
+        not in jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, "forward", "full")).lower(x).as_text()
+    )
 
 
 def test_build_in_a_fresh_process(tmp_path):
