@@ -80,6 +80,35 @@ def test_product_tables_are_cauchy_products():
             assert pairs == want
 
 
+def test_power_tables_are_repeated_cauchy_products():
+    """``delta^p`` straight from the blocks of ``delta`` equals ``delta * delta^(p-1)``."""
+    from nnderiv._taylor import _poly
+
+    rng = np.random.default_rng(0)
+    for m, order in ((1, 6), (2, 5), (3, 4), (4, 3)):
+        delta = [None] + [jnp.asarray(rng.standard_normal((_tables.block_size(m, j), 2))) for j in range(1, order + 1)]
+        chained = delta
+        for p in range(2, order + 1):
+            nxt = [None] * (order + 1)
+            for j in range(p, order + 1):
+                acc = 0.0
+                for i in range(1, j - p + 2):
+                    ia, ib, mask = _tables.product_table(m, i, j - i)
+                    acc = acc + (delta[i][ia] * chained[j - i][ib] * mask[..., None]).sum(axis=1)
+                nxt[j] = acc
+            for j in range(p, order + 1):
+                np.testing.assert_allclose(_poly.power_block(delta, m, p, j), nxt[j], rtol=1e-13, atol=1e-13)
+            chained = nxt
+    # A zero (None) block drops the terms that use it.
+    m = 3
+    sparse = [None, jnp.asarray(rng.standard_normal((3, 2))), None, jnp.asarray(rng.standard_normal((10, 2)))]
+    ia, ib, mask = _tables.product_table(m, 1, 1)
+    np.testing.assert_allclose(
+        _poly.power_block(sparse, m, 2, 2), (sparse[1][ia] * sparse[1][ib] * mask[..., None]).sum(axis=1), rtol=1e-13
+    )
+    assert _poly.power_block(sparse, m, 2, 3) is None
+
+
 # --- the engine against the order-3 kernels, on the case tables of test_methods ---
 
 
@@ -256,3 +285,39 @@ def test_constant_control_flow_is_evaluated():
     want = nnderiv.derivatives(net, x, order=4, method="nested")
     for k in range(5):
         np.testing.assert_allclose(got.derivative(k), want.derivative(k), rtol=1e-12, atol=1e-15)
+
+
+# --- the engine on the benchmark's models that are not plain MLPs, against nested AD ---
+
+MODEL_KINDS = ["residual", "fourier", "layernorm", "hard-constraint"]
+
+
+@pytest.fixture(scope="module")
+def bench_models():
+    from nnderiv.bench import _suite
+
+    nets = {}
+    for kind in MODEL_KINDS:
+        module = _suite.MODEL_NETS[kind](8, 2, 2)
+        variables = jax.tree_util.tree_map(
+            lambda a: jnp.asarray(a, jnp.float64), _suite._variables(module, 3, seed=4, scale=1.0)
+        )
+        nets[kind] = nnderiv.from_flax(module, variables)
+    return nets
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("batch", [(), (5,)], ids=["point", "batch5"])
+def test_engine_on_bench_models_against_nested(bench_models, kind, batch):
+    net = bench_models[kind]
+    x = 0.4 * jax.random.normal(jax.random.PRNGKey(1), (*batch, 3), jnp.float64)
+    if kind == "hard-constraint":
+        x = jnp.abs(x) / (1 + jnp.abs(x))
+    for order in (1, 2, 3, 4):
+        expected = nnderiv.derivs_fn(net, order=order, method="nested", layout="packed")(x)
+        for method in ("forward", "fwdrev"):
+            got = nnderiv.derivs_fn(net, order=order, method=method, layout="packed")(x)
+            for k in range(order + 1):
+                assert got[k].shape == expected[k].shape
+                err = relative_error(got[k], expected[k])
+                assert err <= 1e-11, f"{kind} {method} order {order}: derivative {k} differs by {err:.2e}"

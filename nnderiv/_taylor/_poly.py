@@ -164,6 +164,29 @@ def bilinear(u: Poly, v: Poly, f: Callable | None = None) -> Poly:
     return Poly(blocks, m)
 
 
+def power_block(blocks: Sequence, m: int, p: int, j: int):
+    """Block ``j`` of ``delta^p`` from the blocks of ``delta`` (``blocks[i]``, None: zero).
+
+    Every distinct product of ``p`` coefficients is formed once, straight from the blocks
+    (``_tables.power_table``): no intermediate power is gathered from again, so XLA fuses
+    each block into one loop over the blocks it reads.
+    """
+    acc = None
+    for parts, index, coef in _tables.power_table(m, p, j):
+        if any(blocks[i] is None for i in parts):
+            continue
+        for c in range(index.shape[1]):
+            term = None
+            for r, i in enumerate(parts):
+                factor = jnp.take(blocks[i], index[:, c, r], axis=0)
+                term = factor if term is None else term * factor
+            weight = coef[:, c]
+            if not (weight == 1.0).all():
+                term = term * jnp.asarray(weight, term.dtype).reshape((-1,) + (1,) * (term.ndim - 1))
+            acc = _add(acc, term)
+    return acc
+
+
 def powers(u: Poly) -> list[list]:
     """``delta^p`` for ``p = 1..k`` (``delta = u - u_0``); ``out[p][j]`` is block ``j`` (None: zero).
 
@@ -175,15 +198,7 @@ def powers(u: Poly) -> list[list]:
     delta = [None] + list(u.blocks[1:])
     out = [None, delta]
     for p in range(2, order + 1):
-        prev = out[p - 1]
-        cur = [None] * (order + 1)
-        for j in range(p, order + 1):
-            acc = None
-            for i in range(1, j - (p - 1) + 1):
-                if delta[i] is not None and prev[j - i] is not None:
-                    acc = _add(acc, _pair_terms(None, delta[i], prev[j - i], m, i, j - i))
-            cur[j] = acc
-        out.append(cur)
+        out.append([None] * p + [power_block(delta, m, p, j) for j in range(p, order + 1)])
     u._powers = out
     return out
 

@@ -88,3 +88,59 @@ def fwdrev_table(m: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         slot[row] = lower[tuple(alpha)]
         fact[row] = math.prod(math.factorial(a) for a in alpha)
     return slot, col, fact
+
+
+def _partitions(j: int, p: int, largest: int) -> list[tuple[int, ...]]:
+    """The partitions of ``j`` into ``p`` parts of at most ``largest``, parts nonincreasing."""
+    if p == 0:
+        return [()] if j == 0 else []
+    out = []
+    for first in range(min(j - (p - 1), largest), 0, -1):
+        for rest in _partitions(j - first, p - 1, first):
+            out.append((first, *rest))
+    return out
+
+
+@functools.cache
+def power_table(m: int, p: int, j: int) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+    """Block ``j`` of ``delta^p`` directly from the blocks of ``delta`` (no intermediate power).
+
+    ``(delta^p)_gamma`` is the sum over ordered ``p``-tuples of coefficients ``delta_alpha_r``
+    with ``sum alpha_r = gamma``. Grouped by the multiset of factors, each distinct product
+    appears once, times its number of orderings ``p! / prod(mult!)``. Returns one entry per
+    partition ``parts`` of ``j`` into ``p`` block orders: ``(parts, index, coef)`` with
+    ``index`` (P_j, c, p) and ``coef`` (P_j, c): target slot ``g`` receives ``sum_c coef[g, c]
+    * prod_r delta_{parts[r]}[index[g, c, r]]`` (rows padded to the longest with ``coef = 0``).
+    """
+    import itertools
+
+    target = slots(m, j)
+    out = []
+    for parts in _partitions(j, p, j):
+        groups: list[tuple[int, int]] = []  # (block order, multiplicity), parts nonincreasing
+        for part in parts:
+            if groups and groups[-1][0] == part:
+                groups[-1] = (part, groups[-1][1] + 1)
+            else:
+                groups.append((part, 1))
+        terms: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in range(block_size(m, j))]
+        choices = [itertools.combinations_with_replacement(range(block_size(m, i)), mu) for i, mu in groups]
+        for pick in itertools.product(*[list(c) for c in choices]):
+            gamma = np.zeros(m, dtype=np.int64)
+            orderings = math.factorial(p)
+            index = []
+            for (i, _), chosen in zip(groups, pick):
+                for s in chosen:
+                    gamma += exponents(m, i)[s]
+                    index.append(s)
+                for s in set(chosen):
+                    orderings //= math.factorial(chosen.count(s))
+            terms[target[tuple(int(a) for a in gamma)]].append((tuple(index), float(orderings)))
+        width = max(len(t) for t in terms)
+        index = np.zeros((len(terms), width, p), dtype=np.int32)
+        coef = np.zeros((len(terms), width), dtype=np.float64)
+        for g, row in enumerate(terms):
+            for c, (idx, k) in enumerate(row):
+                index[g, c], coef[g, c] = idx, k
+        out.append((parts, index, coef))
+    return out
