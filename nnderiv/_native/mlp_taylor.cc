@@ -147,7 +147,6 @@ struct Program {
   int first_act = 0;              // index of the first activation (== stages if none)
   int64_t maxld = 0;
   int64_t tile = 1;
-  int rw = 0;         // columns of Rp filled: the first activation's width, rounded up
   std::vector<T> Rp;  // K x maxld: rows 1.. the constant rows and their products
   std::vector<T> R, R2;  // m x maxld: the constant rows through several leading layers
 
@@ -383,16 +382,13 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
   T* const R = P.Rp.data() + (int64_t)tb.off1 * ld;
   int w = m;
   if (P.first_act == 1) {
-    // One leading layer: R = W (+ 0: the same bits as 1 * W summed from +0).
+    // One leading layer: R = W.
     const Affine<T>& a = P.affine[0];
     w = a.out;
-    const int rw = round_up(w, kNR<T>);
-    for (int j = 0; j < m; ++j) {
-      T* r = R + (int64_t)j * ld;
-      const T* wr = a.W + (int64_t)j * a.out;
-      for (int u = 0; u < w; ++u) r[u] = wr[u] + T(0);
-      for (int u = w; u < rw; ++u) r[u] = 0;
-    }
+    if (use_avx2())
+      avx2::constant_rows<T>(a.W, m, w, R, ld, round_up(w, kNR<T>));
+    else
+      generic::constant_rows<T>(a.W, m, w, R, ld, round_up(w, kNR<T>));
   } else {
     const size_t msz = (size_t)m * ld;
     P.R.assign(msz, T(0));
@@ -412,20 +408,10 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     for (int j = 0; j < m; ++j) std::memcpy(R + (int64_t)j * ld, &P.R[(size_t)j * ld], sizeof(T) * rw);
   }
   const int rw = round_up(w, kNR<T>);
-  P.rw = rw;
-  for (int p = 0; p < tb.P2; ++p) {
-    T* o = P.Rp.data() + (int64_t)(tb.off2 + p) * ld;
-    const T* rj = R + (int64_t)tb.pj[p] * ld;
-    const T* rk = R + (int64_t)tb.pk[p] * ld;
-    for (int u = 0; u < rw; ++u) o[u] = rj[u] * rk[u];
-  }
-  for (int q = 0; q < tb.P3; ++q) {
-    T* o = P.Rp.data() + (int64_t)(tb.off3 + q) * ld;
-    const T* rj = R + (int64_t)tb.tj[q] * ld;
-    const T* rk = R + (int64_t)tb.tk[q] * ld;
-    const T* rl = R + (int64_t)tb.tl[q] * ld;
-    for (int u = 0; u < rw; ++u) o[u] = rj[u] * rk[u] * rl[u];
-  }
+  if (use_avx2())
+    avx2::constant_products<T>(tb, P.Rp.data(), ld, rw);
+  else
+    generic::constant_products<T>(tb, P.Rp.data(), ld, rw);
   // A tile's two stacks in about 96 KB (L2-resident; the weights of a 64-wide layer are 32 KB).
   const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * 2;
   P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (96 * 1024) / per_point));
