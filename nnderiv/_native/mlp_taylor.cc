@@ -105,6 +105,21 @@ struct Tables {
   }
 };
 
+// The index tables of (m, order), built once per process and shared by every thread
+// (read-only once built). A thread's last answer is remembered: steady-state calls take
+// no lock.
+static const Tables& tables_for(int m, int order) {
+  thread_local const Tables* last = nullptr;
+  if (last && last->m == m && last->order == order) return *last;
+  static std::mutex mu;
+  static std::vector<const Tables*>* known = new std::vector<const Tables*>();  // never freed
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Tables* t : *known)
+    if (t->m == m && t->order == order) return *(last = t);
+  known->push_back(new Tables(m, order));
+  return *(last = known->back());
+}
+
 template <class T>
 struct Affine {
   const T* W = nullptr;  // (in, out) row-major, as given
@@ -112,27 +127,32 @@ struct Affine {
   int in = 0, out = 0;
   bool narrow = false;   // few columns: dot products against Wt
   const T* B = nullptr;  // the GEMM's right operand: W itself or Wpad
+  const T* Wt = nullptr; // narrow layers: (out, in), W itself when out == 1, else Wtbuf
   int64_t ldb = 0;
   int ncols = 0;         // out rounded up to the micro-kernel's columns
   std::vector<T> Wpad;   // (in, ncols) zero-padded copy, when out is not a multiple
-  std::vector<T> Wt;     // (out, in) transposed, for narrow layers
+  std::vector<T> Wtbuf;  // (out, in) transposed, for narrow layers with out > 1
 };
 
+// A call's program. One per thread, reused from call to call (the vectors keep their
+// capacity: a steady-state call allocates nothing); prepare() refills it for each call,
+// since the weights (values and addresses) may change between calls.
 template <class T>
 struct Program {
-  Tables tb;
+  const Tables* tbp = nullptr;
   int n = 0;
   std::vector<int> kinds;  // per stage: -1 affine, >= 0 activation code
   std::vector<T> slopes;
-  std::vector<Affine<T>> affine;  // per stage (empty for activations)
+  std::vector<Affine<T>> affine;  // per stage (unused for activations)
   int first_act = 0;              // index of the first activation (== stages if none)
   int64_t maxld = 0;
   int64_t tile = 1;
   std::vector<T> Rp;  // K x maxld: rows 1.. the constant rows and their products
-  Program(int m, int order) : tb(m, order) {}
+  std::vector<T> R, R2;  // m x maxld: the constant rows through several leading layers
 
+  const Tables& tb() const { return *tbp; }
   size_t work_size() const {
-    return (size_t)(2 * tile * tb.K * maxld + 2 * tile * maxld + (4 + tb.P2) * maxld);
+    return (size_t)(2 * tile * tbp->K * maxld + 2 * tile * maxld + (4 + tbp->P2) * maxld);
   }
 };
 
@@ -273,13 +293,44 @@ static Pool* pool() {
 // ------------------------------------------------------------------------------------
 // Per-call preparation and the driver.
 
+// One custom call's operands as plain pointers and sizes (what compute() reads from the
+// FFI buffers); run_call() does the work. Separate so that the kernel can be driven
+// without XLA (profiling harnesses).
 template <class T>
-static void prepare(Program<T>& P, const std::vector<const T*>& W, const std::vector<const T*>& b,
-                    const std::vector<int>& ins, const std::vector<int>& outs) {
-  const Tables& tb = P.tb;
+struct Call {
+  const T* x = nullptr;
+  int64_t Bp = 0;  // points per slice
+  int m = 0;
+  int64_t xs = 0;  // slices of x (1 or S)
+  int64_t S = 0;   // slices of the results
+  int order = 0;
+  bool full = false;
+  std::vector<int64_t> kinds;
+  std::vector<double> slopes;
+  std::vector<const T*> W, b;  // per affine stage; b null without a bias
+  std::vector<int> ins, outs;
+  std::vector<int64_t> wslices, bslices;
+  std::vector<T*> res;  // order + 1 result buffers
+
+  void clear() {  // keeps the capacity
+    kinds.clear();
+    slopes.clear();
+    W.clear();
+    b.clear();
+    ins.clear();
+    outs.clear();
+    wslices.clear();
+    bslices.clear();
+    res.clear();
+  }
+};
+
+template <class T>
+static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
+  const Tables& tb = P.tb();
   const int m = tb.m;
   const int nstages = (int)P.kinds.size();
-  P.affine.resize(nstages);
+  if ((int)P.affine.size() < nstages) P.affine.resize(nstages);
   int widest = m, ai = 0;
   P.first_act = nstages;
   for (int s = 0; s < nstages; ++s) {
@@ -288,57 +339,79 @@ static void prepare(Program<T>& P, const std::vector<const T*>& W, const std::ve
       continue;
     }
     Affine<T>& a = P.affine[s];
-    a.W = W[ai];
-    a.b = b[ai];
-    a.in = ins[ai];
-    a.out = outs[ai];
+    a.in = c.ins[ai];
+    a.out = c.outs[ai];
+    a.W = c.W[ai] + (c.wslices[ai] == 1 ? 0 : slice * (int64_t)a.in * a.out);
+    a.b = c.b[ai] ? c.b[ai] + (c.bslices[ai] == 1 ? 0 : slice * (int64_t)a.out) : nullptr;
     ++ai;
     widest = std::max(widest, a.out);
     a.ncols = round_up(a.out, kNR<T>);
+    a.narrow = false;
+    a.B = a.Wt = nullptr;
+    a.ldb = 0;
     if (s < P.first_act) continue;  // leading layers: applied to the values only
     a.narrow = a.out < kNR<T>;
     if (a.narrow) {
-      a.Wt.resize((size_t)a.out * a.in);
-      for (int k = 0; k < a.in; ++k)
-        for (int o = 0; o < a.out; ++o) a.Wt[(size_t)o * a.in + k] = a.W[(size_t)k * a.out + o];
+      if (a.out == 1) {
+        a.Wt = a.W;  // (in, 1) is its own transpose
+      } else {
+        a.Wtbuf.resize((size_t)a.out * a.in);
+        for (int k = 0; k < a.in; ++k)
+          for (int o = 0; o < a.out; ++o) a.Wtbuf[(size_t)o * a.in + k] = a.W[(size_t)k * a.out + o];
+        a.Wt = a.Wtbuf.data();
+      }
     } else if (a.out % kNR<T> == 0) {
       a.B = a.W;
       a.ldb = a.out;
     } else {
-      a.Wpad.assign((size_t)a.in * a.ncols, T(0));
-      for (int k = 0; k < a.in; ++k)
-        std::memcpy(&a.Wpad[(size_t)k * a.ncols], a.W + (size_t)k * a.out, sizeof(T) * a.out);
+      a.Wpad.resize((size_t)a.in * a.ncols);
+      for (int k = 0; k < a.in; ++k) {
+        T* row = &a.Wpad[(size_t)k * a.ncols];
+        std::memcpy(row, a.W + (size_t)k * a.out, sizeof(T) * a.out);
+        std::fill(row + a.out, row + a.ncols, T(0));
+      }
       a.B = a.Wpad.data();
       a.ldb = a.ncols;
     }
   }
   const int64_t ld = round_up(widest, kNR<T>);
   P.maxld = ld;
-  // The constant rows R (m x w) after the leading affine layers, and their products.
-  std::vector<T> R((size_t)m * ld, T(0)), R2((size_t)m * ld, T(0));
-  for (int j = 0; j < m; ++j) R[(size_t)j * ld + j] = 1;
+  if (P.Rp.size() < (size_t)tb.K * ld) P.Rp.resize((size_t)tb.K * ld);
+  // The constant rows R (m x w) after the leading affine layers, as rows 1..m of Rp, and
+  // their products; only the first rw = round_up(w) columns are ever read.
+  T* const R = P.Rp.data() + (int64_t)tb.off1 * ld;
   int w = m;
-  for (int s = 0; s < P.first_act; ++s) {
-    const Affine<T>& a = P.affine[s];
-    std::fill(R2.begin(), R2.end(), T(0));
-    for (int j = 0; j < m; ++j)
-      for (int k = 0; k < a.in; ++k) {
-        const T r = R[(size_t)j * ld + k];
-        for (int o = 0; o < a.out; ++o) R2[(size_t)j * ld + o] += r * a.W[(size_t)k * a.out + o];
-      }
-    std::swap(R, R2);
+  if (P.first_act == 1) {
+    // One leading layer: R = W.
+    const Affine<T>& a = P.affine[0];
     w = a.out;
+    if (use_avx2())
+      avx2::constant_rows<T>(a.W, m, w, R, ld, round_up(w, kNR<T>));
+    else
+      generic::constant_rows<T>(a.W, m, w, R, ld, round_up(w, kNR<T>));
+  } else {
+    const size_t msz = (size_t)m * ld;
+    P.R.assign(msz, T(0));
+    for (int j = 0; j < m; ++j) P.R[(size_t)j * ld + j] = 1;
+    for (int s = 0; s < P.first_act; ++s) {
+      const Affine<T>& a = P.affine[s];
+      P.R2.assign(msz, T(0));
+      for (int j = 0; j < m; ++j)
+        for (int k = 0; k < a.in; ++k) {
+          const T r = P.R[(size_t)j * ld + k];
+          for (int o = 0; o < a.out; ++o) P.R2[(size_t)j * ld + o] += r * a.W[(size_t)k * a.out + o];
+        }
+      std::swap(P.R, P.R2);
+      w = a.out;
+    }
+    const int rw = round_up(w, kNR<T>);
+    for (int j = 0; j < m; ++j) std::memcpy(R + (int64_t)j * ld, &P.R[(size_t)j * ld], sizeof(T) * rw);
   }
-  (void)w;
-  P.Rp.assign((size_t)tb.K * ld, T(0));
-  for (int j = 0; j < m; ++j)
-    for (int64_t u = 0; u < ld; ++u) P.Rp[(tb.off1 + j) * ld + u] = R[j * ld + u];
-  for (int p = 0; p < tb.P2; ++p)
-    for (int64_t u = 0; u < ld; ++u)
-      P.Rp[(tb.off2 + p) * ld + u] = R[tb.pj[p] * ld + u] * R[tb.pk[p] * ld + u];
-  for (int q = 0; q < tb.P3; ++q)
-    for (int64_t u = 0; u < ld; ++u)
-      P.Rp[(tb.off3 + q) * ld + u] = R[tb.tj[q] * ld + u] * R[tb.tk[q] * ld + u] * R[tb.tl[q] * ld + u];
+  const int rw = round_up(w, kNR<T>);
+  if (use_avx2())
+    avx2::constant_products<T>(tb, P.Rp.data(), ld, rw);
+  else
+    generic::constant_products<T>(tb, P.Rp.data(), ld, rw);
   // A tile's two stacks in about 96 KB (L2-resident; the weights of a 64-wide layer are 32 KB).
   const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * 2;
   P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (96 * 1024) / per_point));
@@ -359,7 +432,7 @@ template <class T>
 static double flops_per_point(const Program<T>& P) {
   double f = 0;
   for (size_t s = 0; s < P.kinds.size(); ++s)
-    if (P.kinds[s] < 0 && (int)s > P.first_act) f += 2.0 * P.tb.K * P.affine[s].in * P.affine[s].out;
+    if (P.kinds[s] < 0 && (int)s > P.first_act) f += 2.0 * P.tb().K * P.affine[s].in * P.affine[s].out;
   return f + 1.0;
 }
 
@@ -387,27 +460,72 @@ static void run_batch(const Program<T>& P, const T* x, const Outputs<T>& out, in
 static int64_t count(const ffi::AnyBuffer& b) { return (int64_t)b.element_count(); }
 
 template <class T>
+static void run_call(const Call<T>& c) {
+  const int m = c.m, order = c.order;
+  const bool full = c.full;
+  const int64_t Bp = c.Bp, S = c.S, xs = c.xs;
+  const int n = c.outs.empty() ? m : c.outs.back();
+  bool shared = true;
+  for (size_t i = 0; i < c.W.size(); ++i) shared = shared && c.wslices[i] == 1 && c.bslices[i] == 1;
+
+  const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
+  const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
+  thread_local Program<T> P;  // this thread's, reused (see Program)
+  P.tbp = &tables_for(m, order);
+  P.n = n;
+  P.kinds.resize(c.kinds.size());
+  P.slopes.resize(c.kinds.size());
+  for (size_t s = 0; s < c.kinds.size(); ++s) {
+    P.kinds[s] = c.kinds[s] < 0 ? -1 : (int)c.kinds[s];
+    P.slopes[s] = s < c.slopes.size() ? (T)c.slopes[s] : T(0);
+  }
+
+  const int64_t sizes[4] = {n, (int64_t)n * m, (int64_t)n * P2, (int64_t)n * P3};
+  auto outputs_at = [&](int64_t point0) {
+    Outputs<T> o{c.res[0] + point0 * sizes[0],
+                 order >= 1 ? c.res[1] + point0 * sizes[1] : nullptr,
+                 order >= 2 ? c.res[2] + point0 * sizes[2] : nullptr,
+                 order >= 3 ? c.res[3] + point0 * sizes[3] : nullptr,
+                 P2,
+                 P3,
+                 full};
+    return o;
+  };
+  if (shared && xs == S) {  // one batch of S * Bp points
+    prepare<T>(P, c, 0);
+    run_batch<T>(P, c.x, outputs_at(0), S * Bp);
+    return;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    prepare<T>(P, c, s);
+    run_batch<T>(P, c.x + (xs == 1 ? 0 : s * Bp * m), outputs_at(s * Bp), Bp);
+  }
+}
+
+template <class T>
 static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                           ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int order, bool full) {
   const auto xd = x.dimensions();
   if (xd.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
-  const int64_t Bp = xd[xd.size() - 2];
-  const int m = (int)xd[xd.size() - 1];
+  thread_local Call<T> c;  // this thread's, reused: no allocation in steady state
+  c.clear();
+  c.Bp = xd[xd.size() - 2];
+  c.m = (int)xd[xd.size() - 1];
+  c.order = order;
+  c.full = full;
+  const int64_t Bp = c.Bp;
+  const int m = c.m;
   if ((int64_t)rets.size() != order + 1) return ffi::Error::InvalidArgument("expected order + 1 results");
-  std::vector<T*> res;
-  std::vector<int64_t> res_count;
+  int64_t res0_count = 0;
   for (size_t i = 0; i < rets.size(); ++i) {
     auto r = rets.get<ffi::AnyBuffer>(i);
     if (r.has_error()) return r.error();
     ffi::AnyBuffer buf = *r.value();
-    res.push_back(reinterpret_cast<T*>(buf.untyped_data()));
-    res_count.push_back(count(buf));
+    c.res.push_back(reinterpret_cast<T*>(buf.untyped_data()));
+    if (i == 0) res0_count = count(buf);
   }
   if (m <= 0) return ffi::Error::InvalidArgument("x has no inputs");
   // Operands and their slice counts.
-  std::vector<const T*> W, b;
-  std::vector<int> ins, outs;
-  std::vector<int64_t> wslices, bslices;
   size_t ai = 0;
   for (size_t s = 0; s < kinds.size(); ++s) {
     if (kinds[s] >= 0) {
@@ -420,75 +538,36 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
     const auto wd = wb.value().dimensions();
     if (wd.size() < 2) return ffi::Error::InvalidArgument("weights must have rank >= 2");
     const int in = (int)wd[wd.size() - 2], outd = (int)wd[wd.size() - 1];
-    if (in != (outs.empty() ? m : outs.back()))
+    if (in != (c.outs.empty() ? m : c.outs.back()))
       return ffi::Error::InvalidArgument("weight shapes do not chain");
-    W.push_back(reinterpret_cast<const T*>(wb.value().untyped_data()));
-    wslices.push_back(count(wb.value()) / std::max<int64_t>(1, (int64_t)in * outd));
-    ins.push_back(in);
-    outs.push_back(outd);
+    c.W.push_back(reinterpret_cast<const T*>(wb.value().untyped_data()));
+    c.wslices.push_back(count(wb.value()) / std::max<int64_t>(1, (int64_t)in * outd));
+    c.ins.push_back(in);
+    c.outs.push_back(outd);
     if (kinds[s] == -2) {
       if (ai >= args.size()) return ffi::Error::InvalidArgument("missing bias operand");
       auto bb = args.get<ffi::AnyBuffer>(ai++);
       if (bb.has_error()) return bb.error();
-      b.push_back(reinterpret_cast<const T*>(bb.value().untyped_data()));
-      bslices.push_back(count(bb.value()) / std::max(1, outd));
+      c.b.push_back(reinterpret_cast<const T*>(bb.value().untyped_data()));
+      c.bslices.push_back(count(bb.value()) / std::max(1, outd));
     } else {
-      b.push_back(nullptr);
-      bslices.push_back(1);
+      c.b.push_back(nullptr);
+      c.bslices.push_back(1);
     }
   }
-  const int n = outs.empty() ? m : outs.back();
+  const int n = c.outs.empty() ? m : c.outs.back();
   const int64_t per_slice = Bp * n;
-  const int64_t S = per_slice ? res_count[0] / per_slice : 0;
-  const int64_t xs = (Bp * m != 0) ? count(x) / (Bp * m) : 0;
-  auto ok = [&](int64_t c) { return c == 1 || c == S; };
-  bool shared = true;
-  if (!ok(xs)) return ffi::Error::InvalidArgument("x slices do not match the results");
-  for (size_t i = 0; i < W.size(); ++i) {
-    if (!ok(wslices[i]) || !ok(bslices[i])) return ffi::Error::InvalidArgument("parameter slices do not match");
-    shared = shared && wslices[i] == 1 && bslices[i] == 1;
-  }
-  if (S == 0 || Bp == 0) return ffi::Error::Success();
-
-  const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
-  const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
-  Program<T> P(m, order);
-  P.n = n;
-  P.kinds.assign(kinds.begin(), kinds.end());
-  for (auto& k : P.kinds) k = k < 0 ? -1 : k;
-  P.slopes.resize(kinds.size());
-  for (size_t s = 0; s < kinds.size(); ++s) P.slopes[s] = s < slopes.size() ? (T)slopes[s] : T(0);
-
-  const int64_t sizes[4] = {n, (int64_t)n * m, (int64_t)n * P2, (int64_t)n * P3};
-  auto outputs_at = [&](int64_t point0) {
-    Outputs<T> o{res[0] + point0 * sizes[0],
-                 order >= 1 ? res[1] + point0 * sizes[1] : nullptr,
-                 order >= 2 ? res[2] + point0 * sizes[2] : nullptr,
-                 order >= 3 ? res[3] + point0 * sizes[3] : nullptr,
-                 P2,
-                 P3,
-                 full};
-    return o;
-  };
-  const T* xp = reinterpret_cast<const T*>(x.untyped_data());
-  if (shared && xs == S) {  // one batch of S * Bp points
-    prepare<T>(P, W, b, ins, outs);
-    run_batch<T>(P, xp, outputs_at(0), S * Bp);
-    return ffi::Error::Success();
-  }
-  for (int64_t s = 0; s < S; ++s) {
-    std::vector<const T*> Ws(W.size()), bs(b.size());
-    for (size_t i = 0; i < W.size(); ++i) {
-      Ws[i] = W[i] + (wslices[i] == 1 ? 0 : s * (int64_t)ins[i] * outs[i]);
-      bs[i] = b[i] ? b[i] + (bslices[i] == 1 ? 0 : s * (int64_t)outs[i]) : nullptr;
-    }
-    Program<T> Ps(m, order);
-    Ps.n = n;
-    Ps.kinds = P.kinds;
-    Ps.slopes = P.slopes;
-    prepare<T>(Ps, Ws, bs, ins, outs);
-    run_batch<T>(Ps, xp + (xs == 1 ? 0 : s * Bp * m), outputs_at(s * Bp), Bp);
-  }
+  c.S = per_slice ? res0_count / per_slice : 0;
+  c.xs = (Bp * m != 0) ? count(x) / (Bp * m) : 0;
+  auto ok = [&](int64_t k) { return k == 1 || k == c.S; };
+  if (!ok(c.xs)) return ffi::Error::InvalidArgument("x slices do not match the results");
+  for (size_t i = 0; i < c.W.size(); ++i)
+    if (!ok(c.wslices[i]) || !ok(c.bslices[i])) return ffi::Error::InvalidArgument("parameter slices do not match");
+  if (c.S == 0 || Bp == 0) return ffi::Error::Success();
+  c.x = reinterpret_cast<const T*>(x.untyped_data());
+  c.kinds.assign(kinds.begin(), kinds.end());
+  c.slopes.assign(slopes.begin(), slopes.end());
+  run_call<T>(c);
   return ffi::Error::Success();
 }
 
