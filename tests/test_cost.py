@@ -309,7 +309,7 @@ def measuring(tmp_path, monkeypatch):
     monkeypatch.setattr(_calibration, "probe", lambda *a, **k: rates())
     _calibration.reset()
     _measured.reset()
-    fake, timed = {}, []
+    fake, timed, dtypes = {}, [], []
 
     class Run:
         def __init__(self, algorithm):
@@ -317,13 +317,14 @@ def measuring(tmp_path, monkeypatch):
 
         def __call__(self, x):
             timed.append(self.algorithm)
+            dtypes.append(x.dtype)
             if fake.get(self.algorithm) is None:
                 raise RuntimeError("this candidate fails")
             return x
 
     monkeypatch.setattr(_plan, "_timed_run", lambda net, analysis, order, algorithm: Run(algorithm))
     monkeypatch.setattr(_measured, "_seconds_per_call", lambda fn, x, target_s: fake[fn.algorithm])
-    yield tmp_path, fake, timed
+    yield tmp_path, fake, timed, dtypes
     _calibration.reset()
     _measured.reset()
 
@@ -337,7 +338,7 @@ def _equal_rates_net():
 def test_close_candidates_are_timed_and_the_fastest_is_kept(measuring):
     from nnderiv.methods import _measured
 
-    path, fake, timed = measuring
+    path, fake, timed, _ = measuring
     net = _equal_rates_net()
     x = points(3, (8,))
     model_pick = choose(net, 3, x.dtype, 3, 8)
@@ -370,7 +371,7 @@ def test_measuring_is_off_for_one_off_calls_traced_parameters_and_mode_off(measu
 
     from nnderiv.methods import _measured
 
-    _, fake, timed = measuring
+    _, fake, timed, _ = measuring
     fake.update({"forward": 1.0, "fwdrev": 1.0, "nested": 1.0})
     net = _equal_rates_net()
     x = points(3, (8,))
@@ -385,7 +386,7 @@ def test_measuring_is_off_for_one_off_calls_traced_parameters_and_mode_off(measu
 
 
 def test_a_failing_candidate_leaves_the_cost_models_choice(measuring):
-    _, fake, timed = measuring
+    _, fake, timed, _ = measuring
     net = _equal_rates_net()
     x = points(3, (8,))
     model_pick = choose(net, 3, x.dtype, 3, 8)
@@ -397,8 +398,26 @@ def test_a_failing_candidate_leaves_the_cost_models_choice(measuring):
 def test_bench_calibrate_forgets_the_measured_choices(measuring, capsys):
     from nnderiv import bench as _bench
 
-    path, fake, _ = measuring
+    path, fake, _, _ = measuring
     (path / "choices.json").write_text("{}")
     assert _bench.main(["--calibrate", "--dtype", "float64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "removed" in report["measured_choices"] and not (path / "choices.json").exists()
+
+
+def test_candidates_are_timed_in_the_callers_precision(measuring):
+    import jax
+
+    _, fake, timed, dtypes = measuring
+    fake.update({"forward": 1.0, "fwdrev": 2.0, "nested": 3.0})
+    net = _equal_rates_net()
+    was = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with jax.enable_x64(True):  # x64 by a thread-local context only, as the CLI sets it
+            x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 3)), jnp.float64)
+            nnderiv.derivs_fn(net, 3)(x)
+    finally:
+        jax.config.update("jax_enable_x64", was)
+    if timed:
+        assert set(dtypes) == {jnp.dtype(jnp.float64)}

@@ -176,19 +176,26 @@ def measure(key: str, runs: dict, analysis, batch: int, rounds: int = 3, target_
     host_x = rng.uniform(-1.0, 1.0, (points, analysis.m)).astype(analysis.dtype)
     best = {name: float("inf") for name in runs}
     failed = []
+    x64 = bool(jax.config.jax_enable_x64)  # the caller's, also when set by a thread-local context
 
     def timing():
         # In a thread of its own: JAX's trace state is per thread, so the candidates run
         # compiled and concrete even when the caller is tracing (a derivs_fn compiling).
+        # Thread-local settings do not follow: x64 is set again, or float64 points would
+        # be timed as float32.
         try:
-            x = jax.device_put(host_x)
-            for fn in runs.values():
-                jax.block_until_ready(fn(x))  # compile and warm up
-            for _ in range(rounds):
-                for name, fn in runs.items():
-                    best[name] = min(best[name], _seconds_per_call(fn, x, target_s))
+            with jax.enable_x64(x64):
+                _time_all(host_x)
         except Exception as err:  # noqa: BLE001 - measuring must never break a derivative call
             failed.append(err)
+
+    def _time_all(host_x):
+        x = jax.device_put(host_x)
+        for fn in runs.values():
+            jax.block_until_ready(fn(x))  # compile and warm up
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                best[name] = min(best[name], _seconds_per_call(fn, x, target_s))
 
     worker = threading.Thread(target=timing, name="nnderiv-measure", daemon=True)
     worker.start()
