@@ -20,6 +20,7 @@ from .methods import METHODS, Method, _measured
 #: Any integer order >= 0 can be asked for; ``d.derivative(k)`` reads every one.
 ORDERS = (0, 1, 2, 3)
 LAYOUTS = ("full", "packed")
+_PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # inputs DerivsFn passes on unchanged
 
 
 def _check_options(order, method, layout="full") -> None:
@@ -274,7 +275,7 @@ class DerivsFn:
         def impl(net, x):
             self.trace_count += 1  # runs only while tracing: counts compilations
             with _measured.allowed():  # compiled for reuse: worth timing close candidates
-                return _impl(net, x)
+                return tuple(_impl(net, x))  # a tuple dispatches faster; __call__ rewraps it
 
         def _impl(net, x):
             if batch_size is None and mesh is None:
@@ -302,22 +303,28 @@ class DerivsFn:
         self._bake = not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
         self._jitted = jax.jit(functools.partial(impl, net)) if self._bake else jax.jit(impl)
         self._runner = None
+        self._input_dim = net.input_dim
         if batch_size is not None and mesh is None and self._bake:
             # Concrete inputs: a host loop over one compiled (batch_size, m) program, so a
             # new total size compiles nothing new and only one chunk's work is in memory.
             self._runner = _batching.ChunkedRunner(jax.jit(functools.partial(chunk_impl, net)), batch_size)
 
     def __call__(self, x: Points) -> Derivatives:
-        if isinstance(x, jax.core.Tracer):  # inside the caller's jit/vmap: validated while tracing
-            return self._jitted(x) if self._bake else self._jitted(self.net, x)
-        if self._runner is not None:
+        if self._runner is not None and not isinstance(x, jax.core.Tracer):
             x = _as_input(self.net, x)
             return self._runner(np.asarray(x).reshape(-1, x.shape[-1]), x.shape[:-1])
-        fast = isinstance(x, (jax.Array, np.ndarray)) and x.dtype in (np.float32, np.float64) and x.ndim > 0
-        if not fast or x.shape[-1] != self.net.input_dim:
-            # Clear errors before tracing (non-arrays, odd dtypes, wrong sizes); promotions.
+        # Inside the caller's jit/vmap a tracer is validated while tracing. Outside, one
+        # check lets the usual case through; anything else gets the clear errors and
+        # promotions of _as_input before tracing (non-arrays, odd dtypes, wrong sizes).
+        if not (
+            isinstance(x, (jax.Array, np.ndarray))
+            and x.dtype in _PLAIN_DTYPES
+            and x.ndim > 0
+            and x.shape[-1] == self._input_dim
+        ) and not isinstance(x, jax.core.Tracer):
             x = _as_input(self.net, x)
-        return self._jitted(x) if self._bake else self._jitted(self.net, x)
+        tensors = self._jitted(x) if self._bake else self._jitted(self.net, x)
+        return Derivatives._of(tensors, self.layout, x.shape[-1])
 
     def lower(self, x):
         """Lower for ``x`` (for inspecting the compiled program; with ``batch_size``, one chunk's)."""

@@ -60,6 +60,18 @@ class Derivatives:
         layout, m = aux
         return cls(*children, layout=layout, m=m)
 
+    @classmethod
+    def _of(cls, tensors: tuple, layout: str, m: int) -> Derivatives:
+        """A result from the tensors of another one (``tuple(d)``), without checks.
+
+        A jitted function returning a plain tuple dispatches about 4 µs faster than one
+        returning this class (a custom pytree node costs the C++ dispatch path a call into
+        Python per output), which is a tenth of a single-point call.
+        """
+        self = object.__new__(cls)
+        self._tensors, self._layout, self._m = tensors, layout, m
+        return self
+
     # -- tuple-like access ---------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         return iter(self._tensors)
