@@ -15,6 +15,7 @@ from . import _batching, _native, _network
 from ._derivatives import Derivatives
 from ._shapes import Points
 from .methods import METHODS, Method, _measured
+from .methods._plan import in_layout
 
 #: The orders with a named field of :class:`Derivatives` (value, jacobian, hessian, third).
 #: Any integer order >= 0 can be asked for; ``d.derivative(k)`` reads every one.
@@ -239,9 +240,7 @@ def _derivatives(net: _network.Network, x: jax.Array, order: int, method: str, l
             result = chosen(net, x.reshape(-1, m), order)
     # Every method returns packed tensors (orders >= 2 hold their unique entries), except
     # the native kernel asked for the full layout.
-    result = Derivatives(*result, layout="full" if _native.is_full(result) else "packed", m=m)
-    if layout == "full":
-        result = result.as_layout("full")
+    result = in_layout(result, layout, m)
     return result.map(lambda f: f.reshape(*batch_shape, *f.shape[1:]))
 
 

@@ -10,7 +10,7 @@ runs the faster of the two, ``"auto"`` the fastest of those and nested AD, as de
 
 from __future__ import annotations
 
-from .. import _network
+from .. import _native, _network
 from ._plan import (
     ALGORITHMS,
     Analysis,
@@ -27,8 +27,11 @@ from ._plan import (
 )
 
 
-def choose(net, m: int, dtype, order: int, batch: int = 1024) -> str:
+def choose(net, m: int, dtype, order: int, batch: int = 1024, layout: str = "full") -> str:
     """The algorithm ``method="auto"`` runs for ``batch`` points of ``m`` inputs of ``dtype`` at ``order``.
+
+    ``layout`` is the result's (as for :func:`nnderiv.derivs_fn`): it changes which
+    algorithm is fastest, since the native kernel writes the full layout itself.
 
     One of ``"forward"``, ``"fwdrev"`` and ``"nested"``: the cheapest by the cost model
     (:mod:`nnderiv.methods._cost` for MLPs, with this machine's rates; the engine's flop
@@ -38,7 +41,8 @@ def choose(net, m: int, dtype, order: int, batch: int = 1024) -> str:
     """
     if not isinstance(net, _network.Network):
         raise TypeError(f"expected an nnderiv.Network, got {type(net).__name__}")
-    return auto_method.init(net, m, dtype, order, batch).algorithm
+    with _native.layout_request(layout):
+        return auto_method.init(net, m, dtype, order, batch).algorithm
 
 
 METHODS: dict[str, Method] = {

@@ -85,8 +85,12 @@ def _mlp_signature(structure) -> str:
     return "mlp:" + ",".join(parts)
 
 
-def signature(net, analysis, order: int, batch: int, candidates) -> str:
-    """The key of a measured choice: model structure, order, dtype, batch bucket, candidates."""
+def signature(net, analysis, order: int, batch: int, candidates, setting: str = "") -> str:
+    """The key of a measured choice: model structure, order, dtype, batch bucket, candidates.
+
+    ``setting``: anything else the timings depend on (the result's layout, whether the
+    native kernel may run).
+    """
     if analysis.structure is not None:
         model = _mlp_signature(analysis.structure)
     else:
@@ -99,7 +103,7 @@ def signature(net, analysis, order: int, batch: int, candidates) -> str:
         model = "program:" + hashlib.sha256(text.encode()).hexdigest()[:16]
     return (
         f"{model}|m{analysis.m}|n{analysis.n}|k{order}|{np.dtype(analysis.dtype).name}|b{_bucket(batch)}"
-        f"|{','.join(candidates)}"
+        f"|{','.join(candidates)}|{setting}"
     )
 
 

@@ -17,6 +17,7 @@ request by timing the close candidates on this machine (``_measured``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -150,27 +151,40 @@ def select(net, analysis: Analysis, order: int, batch: int, among=ALGORITHMS, me
     if len(costs) == 1:
         return next(iter(costs)), "only one applies"
     best = min(costs, key=costs.get)
-    key = _measured.signature(net, analysis, order, batch, sorted(costs))
+    # What the caller will run, which the timing thread cannot see (context variables do
+    # not follow a thread): the result's layout (the native kernel writes the full one
+    # itself, the XLA kernels expand it after) and whether the native kernel is allowed.
+    layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
+    key = _measured.signature(net, analysis, order, batch, sorted(costs), f"{layout},native={native}")
     known = _measured.lookup(key)
     if known in costs:
         return known, "measured"
     if measure and _measured.enabled(net):
         close = [a for a in costs if costs[a] <= _measured.CLOSE * costs[best]]
         if len(close) > 1:
-            timed = _measured.measure(key, {a: _timed_run(net, analysis, order, a) for a in close}, analysis, batch)
+            runs = {a: _timed_run(net, analysis, order, a, layout, native) for a in close}
+            timed = _measured.measure(key, runs, analysis, batch)
             if timed is not None:
                 return timed, "measured"
     return best, "cost model"
 
 
-def _timed_run(net, analysis: Analysis, order: int, algorithm: str):
-    """``x -> fields`` running ``algorithm`` (with ``net`` baked in, as ``derivs_fn`` does)."""
+def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str, native: bool):
+    """``x -> fields`` as a ``derivs_fn`` running ``algorithm`` computes them (``net`` baked in)."""
     plan = Plan(algorithm, analysis, order, 0, "asked", fallback=True)
 
     def run(x):
-        return tuple(f for f in _compute(plan, net, x) if f is not None)
+        with _native.layout_request(layout), contextlib.nullcontext() if native else _native.disabled():
+            result = in_layout(_compute(plan, net, x), layout, analysis.m)
+        return tuple(f for f in result if f is not None)
 
     return jax.jit(run)
+
+
+def in_layout(result, layout: str, m: int) -> Derivatives:
+    """A method's result (orders >= 2 packed, or full where the native kernel wrote them) in ``layout``."""
+    result = Derivatives(*result, layout="full" if _native.is_full(result) else "packed", m=m)
+    return result.as_layout(layout)
 
 
 # --------------------------------------------------------------------------------------
