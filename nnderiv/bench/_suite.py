@@ -55,6 +55,7 @@ FIELDS = ("value", "jacobian", "hessian", "third")
 BASELINE = "baseline"
 REFERENCE = "nested"
 FORWARD_PASS = "forward_pass"  # the plain jitted forward pass of the latency section
+DISPATCH_FLOOR = "dispatch_floor"  # a jitted call returning derivs' output shapes, no arithmetic
 #: The "built-in" competitors of auto: what a user could already use without a kernel.
 COMPETITORS = ("nested", "jet", BASELINE)
 DTYPES = ("float64", "float32")
@@ -741,6 +742,10 @@ def run_latency(cfg: Config, dtype: str, methods: list[str], opts: Options) -> d
     x = make_points(cfg.m, None, dtype)
     # FORWARD_PASS is not a method name (nnderiv has a method called "forward")
     prepared: dict[str, tuple[Callable, tuple]] = {FORWARD_PASS: (jax.jit(net.apply_point), (x,))}
+    # The floor of a call that returns what derivs returns: a jitted function writing
+    # outputs of the same shapes with no arithmetic (dispatch, and one buffer per output).
+    shapes = [s for s in jax.eval_shape(method_fn(net, "auto"), x) if s is not None]
+    prepared[DISPATCH_FLOOR] = (jax.jit(lambda u: tuple(jnp.broadcast_to(u[0], s.shape) for s in shapes)), (x,))
     for method in methods:
         if method == BASELINE:
             prepared[method] = (jax.jit(lambda u: plain_all(net, u)), (x,))
@@ -752,6 +757,9 @@ def run_latency(cfg: Config, dtype: str, methods: list[str], opts: Options) -> d
     entry["activation"] = cfg.activation
     entry["auto_choice"] = auto_choice(net, cfg.m, dtype, 1)
     fwd = entry[FORWARD_PASS] = timed[FORWARD_PASS][0]
+    entry[DISPATCH_FLOOR] = timed[DISPATCH_FLOOR][0]
+    if entry[DISPATCH_FLOOR].get("status") == "ok" and fwd.get("status") == "ok":
+        entry[DISPATCH_FLOOR]["ratio_to_forward"] = entry[DISPATCH_FLOOR]["median_s"] / fwd["median_s"]
     reference = _separate_reference(net, x[None])
     rows = {}
     for method in methods:
@@ -1058,6 +1066,9 @@ def summarize(report: dict) -> dict[str, Any]:
         lat = [e for e in report["latency"] if e["dtype"] == dtype]
         if lat and lat[0]["results"].get("auto", {}).get("ratio_to_forward"):
             s["latency_ratio"] = {"value": lat[0]["results"]["auto"]["ratio_to_forward"], "net": lat[0]["name"]}
+            floor = lat[0].get(DISPATCH_FLOOR, {}).get("ratio_to_forward")
+            if floor:  # the least any call returning these arrays costs, in forward passes
+                s["latency_dispatch_floor_ratio"] = {"value": floor, "net": lat[0]["name"]}
         models = [e for e in report.get("models", []) if e["dtype"] == dtype]
         speedups = [e["analytic_speedup_over_nested"] for e in models if e.get("analytic_speedup_over_nested")]
         if speedups:
@@ -1186,9 +1197,13 @@ def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gem
 def print_latency(console, entries: list[dict], dtype: str, methods: list[str]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"single-point latency, {dtype}: µs per call (× the jitted forward pass, 'fwd pass')")
+    table = Table(
+        title=f"single-point latency, {dtype}: µs per call (× the jitted forward pass, 'fwd pass'); "
+        "'outputs only': a jitted call returning the same arrays with no arithmetic"
+    )
     table.add_column("net", no_wrap=True)
     table.add_column("fwd pass", justify="right", no_wrap=True)
+    table.add_column("outputs only", justify="right", no_wrap=True)
     for m in methods:
         table.add_column(m, justify="right", no_wrap=True)
     for e in entries:
@@ -1200,7 +1215,13 @@ def print_latency(console, entries: list[dict], dtype: str, methods: list[str]) 
             else:
                 flag = "" if rec.get("agree", True) else " [red]FAIL[/red]"
                 cells.append(f"{_us(rec['median_s'])} [dim](×{rec['ratio_to_forward']:.1f})[/dim]{flag}")
-        table.add_row(e["name"].rsplit("-b", 1)[0], _us(e[FORWARD_PASS]["median_s"]), *cells)
+        floor = e.get(DISPATCH_FLOOR, {})
+        floor_cell = (
+            f"{_us(floor['median_s'])} [dim](×{floor['ratio_to_forward']:.1f})[/dim]"
+            if floor.get("ratio_to_forward")
+            else _cell(floor)
+        )
+        table.add_row(e["name"].rsplit("-b", 1)[0], _us(e[FORWARD_PASS]["median_s"]), floor_cell, *cells)
     console.print(table)
 
 
@@ -1254,6 +1275,7 @@ def print_summary(console, report: dict) -> None:
         ("max auto / floor, batch ≥ 64", "max_floor_ratio_batch_ge_64"),
         ("median auto / floor, batch ≥ 64", "median_floor_ratio_batch_ge_64"),
         ("latency: auto / forward (one point)", "latency_ratio"),
+        ("latency: outputs only / forward (one point)", "latency_dispatch_floor_ratio"),
         ("scan: auto / nested per step", "scan_ratio_auto_to_nested"),
         ("scan: auto / baseline per step", "scan_ratio_auto_to_baseline"),
         ("models: min analytic speedup over nested", "min_model_speedup_over_nested"),
