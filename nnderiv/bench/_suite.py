@@ -925,7 +925,10 @@ def run_scan(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict
 
         return jax.jit(run)
 
-    prepared = {}
+    # The floor of a step: the same update from arrays of derivs' shapes made with no
+    # arithmetic, i.e. the loop and the update alone.
+    shapes = [s for s in jax.eval_shape(method_fn(net, "auto"), x0) if s is not None]
+    prepared = {DISPATCH_FLOOR: (simulation(lambda u: tuple(jnp.broadcast_to(u[0], s.shape) for s in shapes)), (x0,))}
     for method in methods:
         if method == BASELINE:
             prepared[method] = (simulation(lambda u: plain_all(net, u)), (x0,))
@@ -936,6 +939,9 @@ def run_scan(cfg: Config, dtype: str, methods: list[str], opts: Options) -> dict
     entry: dict[str, Any] = {"name": cfg.name, "dtype": dtype, "m": cfg.m, "widths": list(cfg.widths), "n": cfg.n}
     entry.update(activation=cfg.activation, steps=opts.steps, auto_choice=auto_choice(net, cfg.m, dtype, 1))
     rows, finals = {}, {}
+    floor = entry[DISPATCH_FLOOR] = timed[DISPATCH_FLOOR][0]
+    if floor.get("status") == "ok":
+        floor["per_step_s"] = floor["median_s"] / opts.steps
     for method in methods:
         rec, out = timed[method]
         if rec.get("status") == "ok":
@@ -1228,9 +1234,13 @@ def print_latency(console, entries: list[dict], dtype: str, methods: list[str]) 
 def print_scan(console, entries: list[dict], dtype: str, methods: list[str]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"lax.scan simulation, {dtype}: µs per step")
+    table = Table(
+        title=f"lax.scan simulation, {dtype}: µs per step; 'update only': the step with derivs' arrays made "
+        "with no arithmetic"
+    )
     table.add_column("net", no_wrap=True)
     table.add_column("steps", justify="right")
+    table.add_column("update only", justify="right", no_wrap=True)
     for m in methods:
         table.add_column(m, justify="right", no_wrap=True)
     table.add_column("auto / nested", justify="right")
@@ -1240,6 +1250,7 @@ def print_scan(console, entries: list[dict], dtype: str, methods: list[str]) -> 
         table.add_row(
             e["name"].rsplit("-b", 1)[0],
             str(e["steps"]),
+            _cell(e.get(DISPATCH_FLOOR), "per_step_s"),
             *[_cell(e["results"].get(m), "per_step_s") for m in methods],
             f"{r1:.2f}" if r1 else "-",
             f"{r2:.2f}" if r2 else "-",
