@@ -373,3 +373,30 @@ def test_l2_bytes_sums_distinct_caches(tmp_path):
     assert _cpu._size_bytes("512K") == 512 << 10
     assert _cpu._size_bytes("2M") == 2 << 20
     assert _cpu.l2_bytes() > 0
+
+
+@pytest.mark.parametrize("kind", ["residual", "layernorm"])
+def test_engine_chunks_equal_one_batch(bench_models, kind):
+    """Chunks of 4 over 10 points (two full chunks in the loop, a remainder of 2 after it)."""
+    net = bench_models[kind]
+    x = 0.4 * jax.random.normal(jax.random.PRNGKey(2), (10, 3), jnp.float64)
+    for algorithm in (_taylor.forward, _taylor.fwdrev):
+        whole = jax.jit(lambda u, a=algorithm: tuple(a(net, u, 3, chunk=10)))(x)
+        chunked = jax.jit(lambda u, a=algorithm: tuple(a(net, u, 3, chunk=4)))(x)
+        for k in range(4):
+            np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-13, atol=1e-15)
+
+
+def test_default_chunk_rule_chunks_a_large_batch(bench_models, monkeypatch):
+    """With a tiny cache every batch above the smallest chunk is chunked; results unchanged."""
+    from nnderiv import _cpu
+
+    net = bench_models["residual"]
+    x = 0.4 * jax.random.normal(jax.random.PRNGKey(3), (40, 3), jnp.float64)
+    whole = tuple(_taylor.forward(net, x, 2, chunk=40))
+    monkeypatch.setattr(_cpu, "l2_bytes", lambda: 1024)
+    program = nnderiv._network.trace_program(net, 3, jnp.float64)
+    assert _taylor.chunk_size(program, 3, 2, 8, 40) == 16
+    chunked = tuple(_taylor.forward(net, x, 2))
+    for k in range(3):
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-13, atol=1e-15)
