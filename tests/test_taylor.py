@@ -321,3 +321,82 @@ def test_engine_on_bench_models_against_nested(bench_models, kind, batch):
                 assert got[k].shape == expected[k].shape
                 err = relative_error(got[k], expected[k])
                 assert err <= 1e-11, f"{kind} {method} order {order}: derivative {k} differs by {err:.2e}"
+
+
+# --- the batch chunk rule and the cache size it reads ---
+
+
+def _synthetic_program(width: int):
+    """A flat program whose widest variable has ``width`` elements (``x -> tanh(W x)``)."""
+    from nnderiv import _jaxpr
+
+    w = jnp.ones((width, 3))
+    return _jaxpr.trace_flat(lambda w, x: jnp.tanh(w @ x), w, jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("width", "cache", "expected"),
+    [
+        (64, 1 << 20, 128),  # 20 coefficients x 64 x 8 B = 10 KiB/point: 102 points -> 128
+        (64, 2 << 20, 256),  # 205 -> 256
+        (64, 3 << 19, 128),  # 154 (log2 7.26) -> 128
+        (32, 1 << 20, 256),  # half as wide: twice the points
+        (4096, 1 << 20, 16),  # clamped below
+        (8, 1 << 30, 512),  # clamped above
+    ],
+)
+def test_chunk_size_fills_the_cache_to_the_nearest_power_of_two(width, cache, expected):
+    program = _synthetic_program(width)
+    assert _taylor.chunk_size(program, 3, 3, 8, 1 << 16, cache_bytes=cache) == expected
+    # a batch that fits one chunk runs whole
+    assert _taylor.chunk_size(program, 3, 3, 8, expected, cache_bytes=cache) == expected
+    assert _taylor.chunk_size(program, 3, 3, 8, 7, cache_bytes=cache) == 7
+
+
+def test_l2_bytes_sums_distinct_caches(tmp_path):
+    from nnderiv import _cpu
+
+    def cache(cpu, index, level, kind, size, shared):
+        d = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        d.mkdir(parents=True)
+        for name, text in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (d / name).write_text(f"{text}\n")
+
+    for cpu in range(4):  # two L2s of 1 MiB, each shared by two SMT siblings
+        cache(cpu, 0, 1, "Data", "32K", str(cpu))
+        cache(cpu, 1, 1, "Instruction", "32K", str(cpu))
+        cache(cpu, 2, 2, "Unified", "1024K", "0-1" if cpu < 2 else "2-3")
+        cache(cpu, 3, 3, "Unified", "32M", "0-3")
+    assert _cpu.l2_bytes_from_sysfs(tmp_path, [0, 1, 2, 3]) == 2 << 20
+    assert _cpu.l2_bytes_from_sysfs(tmp_path, [0, 1]) == 1 << 20
+    assert _cpu.l2_bytes_from_sysfs(tmp_path / "missing", [0]) is None
+    assert _cpu._size_bytes("512K") == 512 << 10
+    assert _cpu._size_bytes("2M") == 2 << 20
+    assert _cpu.l2_bytes() > 0
+
+
+@pytest.mark.parametrize("kind", ["residual", "layernorm"])
+def test_engine_chunks_equal_one_batch(bench_models, kind):
+    """Chunks of 4 over 10 points (two full chunks in the loop, a remainder of 2 after it)."""
+    net = bench_models[kind]
+    x = 0.4 * jax.random.normal(jax.random.PRNGKey(2), (10, 3), jnp.float64)
+    for algorithm in (_taylor.forward, _taylor.fwdrev):
+        whole = jax.jit(lambda u, a=algorithm: tuple(a(net, u, 3, chunk=10)))(x)
+        chunked = jax.jit(lambda u, a=algorithm: tuple(a(net, u, 3, chunk=4)))(x)
+        for k in range(4):
+            np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-13, atol=1e-15)
+
+
+def test_default_chunk_rule_chunks_a_large_batch(bench_models, monkeypatch):
+    """With a tiny cache every batch above the smallest chunk is chunked; results unchanged."""
+    from nnderiv import _cpu
+
+    net = bench_models["residual"]
+    x = 0.4 * jax.random.normal(jax.random.PRNGKey(3), (40, 3), jnp.float64)
+    whole = tuple(_taylor.forward(net, x, 2, chunk=40))
+    monkeypatch.setattr(_cpu, "l2_bytes", lambda: 1024)
+    program = nnderiv._network.trace_program(net, 3, jnp.float64)
+    assert _taylor.chunk_size(program, 3, 2, 8, 40) == 16
+    chunked = tuple(_taylor.forward(net, x, 2))
+    for k in range(3):
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-13, atol=1e-15)

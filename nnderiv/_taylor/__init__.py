@@ -18,11 +18,13 @@ Both return packed results (orders >= 2 hold their unique entries).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _batching, _jaxpr, _network
+from .. import _batching, _cpu, _jaxpr, _network
 from .._derivatives import Derivatives
 from . import _engine, _poly, _tables
 from ._engine import Counter, UnsupportedModelError, run, segments
@@ -93,22 +95,35 @@ def _fwdrev_point(program, leaves, x, order: int, counter=None) -> list:
     return fields
 
 
-# A chunk's Taylor stacks (chunk x coefficients x widest value) are sized to a few MB, as
-# for the order-3 kernels (methods/_cost.py): on the 2-core CI machine an unchunked batch
-# of 1024 points ran the matrix products 3-4x slower (out of cache) than chunks of 256.
-_CHUNK_BYTES = 4 << 20
+# The batch runs in chunks whose widest Taylor stack (chunk x coefficients x widest value)
+# is about the combined L2 capacity of the cores, read at run time (``_cpu``): XLA:CPU
+# splits each fusion over the cores, so each core's share of the stacks a fusion streams
+# stays near its own L2. Measured on a 2-core EPYC VM (L2 512 KiB per core): an unchunked
+# batch of 512 ran 1.2-1.7x slower per point than chunks of 128-256 (benchmarks/
+# engine_models.py); chunks much smaller than the cache leave the cores idle between
+# many small fusions (fewer of them are split over the cores).
 _MIN_CHUNK, _MAX_CHUNK = 16, 512
 
 
-def chunk_size(program: _jaxpr.FlatProgram, m: int, order: int, itemsize: int, batch: int) -> int:
+def chunk_size(
+    program: _jaxpr.FlatProgram, m: int, order: int, itemsize: int, batch: int, cache_bytes: int | None = None
+) -> int:
+    """Points per chunk: ``cache_bytes / per_point`` rounded to the nearest power of two.
+
+    ``per_point`` is the bytes of one point's widest Taylor stack (all coefficients of
+    orders ``0..order`` of the widest variable); ``cache_bytes`` defaults to the total L2 of
+    the usable cores. Rounding in log scale keeps the stack within sqrt(2) of the cache
+    either way. Clamped to ``[_MIN_CHUNK, _MAX_CHUNK]``; the whole batch when it fits one chunk.
+    """
+    if cache_bytes is None:
+        cache_bytes = _cpu.l2_bytes()
     coefficients = sum(_tables.block_size(m, j) for j in range(order + 1))
     widest = max([m] + [int(np.prod(o.shape)) for e in program.eqns for o in e.outputs])
     per_point = coefficients * widest * itemsize
-    if batch * per_point <= 2 * _CHUNK_BYTES:
-        return batch
-    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
-    chunk = 1 << (int(chunk).bit_length() - 1)  # a power of two
-    return chunk if batch > 2 * chunk else batch
+    exact = max(cache_bytes / per_point, 1.0)
+    chunk = 1 << round(math.log2(exact))
+    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, chunk))
+    return chunk if batch > chunk else batch
 
 
 def _batched(point_fn, x: jax.Array, chunk: int) -> list:

@@ -1,0 +1,67 @@
+"""What the host CPU offers the batch loops, read at run time: cores and their L2 caches.
+
+The engine sizes its batch chunks from these (``_taylor.chunk_size``). Linux exposes the
+cache hierarchy in sysfs: ``/sys/devices/system/cpu/cpuN/cache/indexI/{level,type,size,
+shared_cpu_list}``; one L2 may be shared by several CPUs (SMT siblings, a cluster), so the
+capacity is summed over the distinct caches of the CPUs this process may run on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+#: Assumed per-core L2 capacity where the host does not say (no sysfs: macOS, Windows).
+FALLBACK_L2_PER_CORE = 1 << 20
+
+_SYSFS = Path("/sys/devices/system/cpu")
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - no affinity API (macOS, Windows)
+        return list(range(os.cpu_count() or 1))
+
+
+def _size_bytes(text: str) -> int:
+    """A sysfs cache size (``512K``, ``1M``, ``1024``) in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def l2_bytes_from_sysfs(root: Path, cpus: list[int]) -> int | None:
+    """Total capacity of the distinct L2 (unified or data) caches serving ``cpus``, or None."""
+    seen: set[str] = set()
+    total = 0
+    for cpu in cpus:
+        cache = root / f"cpu{cpu}" / "cache"
+        try:
+            indices = sorted(cache.glob("index*"))
+        except OSError:
+            return None
+        for index in indices:
+            try:
+                if (index / "level").read_text().strip() != "2":
+                    continue
+                if (index / "type").read_text().strip() == "Instruction":
+                    continue
+                shared = (index / "shared_cpu_list").read_text().strip()
+                size = _size_bytes((index / "size").read_text())
+            except (OSError, ValueError):
+                return None
+            if shared not in seen:  # one physical cache per distinct sharing set
+                seen.add(shared)
+                total += size
+    return total or None
+
+
+@functools.cache
+def l2_bytes() -> int:
+    """Total L2 capacity of the cores this process may run on (sysfs, else the fallback)."""
+    cpus = usable_cpus()
+    found = l2_bytes_from_sysfs(_SYSFS, cpus)
+    return found if found is not None else FALLBACK_L2_PER_CORE * len(cpus)
