@@ -71,7 +71,7 @@ def main():
     p.add_argument("--algorithms", nargs="+", default=["forward", "fwdrev"])
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
-    cfg = S.MODEL_CONFIG
+    cfg = S.MODEL_CONFIGS[-1]
     for kind in a.models:
         module = S.MODEL_NETS[kind](cfg.width, cfg.depth, cfg.n)
         variables = jax.tree_util.tree_map(lambda v: jnp.asarray(v, "float64"), S._variables(module, cfg.m, scale=1.0))

@@ -29,7 +29,7 @@ def main():
     p.add_argument("--algorithm", default="forward")
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args()
-    cfg = S.MODEL_CONFIG
+    cfg = S.MODEL_CONFIGS[-1]
     module = S.MODEL_NETS[a.model](cfg.width, cfg.depth, cfg.n)
     variables = jax.tree_util.tree_map(lambda v: jnp.asarray(v, "float64"), S._variables(module, cfg.m, scale=1.0))
     net = nnderiv.from_flax(module, variables)

@@ -104,10 +104,12 @@ def test_latency_and_scan_entries(quick_report):
                 _ok_timing(rec, per)
     for entry in report["latency"]:
         assert entry["forward_pass"]["median_s"] > 0
+        assert entry["dispatch_floor"]["ratio_to_forward"] > 0  # the outputs-only call
         for rec in entry["results"].values():
             assert rec["ratio_to_forward"] > 0 and rec["agree"] is True
     for entry in report["scan"]:
         assert entry["ratio_auto_to_nested"] > 0 and entry["ratio_auto_to_baseline"] > 0
+        assert entry["dispatch_floor"]["per_step_s"] > 0  # the update-only step
         assert entry["steps"] > 0
 
 
@@ -120,6 +122,7 @@ def test_summary(quick_report):
         assert s["min_speedup_m_ge_2"]["value"] > 0
         assert s["max_floor_ratio_batch_ge_64"]["value"] > 0
         assert s["latency_ratio"]["value"] > 0
+        assert s["latency_dispatch_floor_ratio"]["value"] > 0
         assert s["scan_ratio_auto_to_nested"]["value"] > 0
         assert s["cost_model_geo_sd"] >= 1.0
         assert s["cost_model_choice_over_fastest"]["geomean"] >= 1.0

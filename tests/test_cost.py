@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from math import comb
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -322,7 +323,13 @@ def measuring(tmp_path, monkeypatch):
                 raise RuntimeError("this candidate fails")
             return x
 
-    monkeypatch.setattr(_plan, "_timed_run", lambda net, analysis, order, algorithm, *setting: Run(algorithm))
+    monkeypatch.setattr(
+        _plan,
+        "_timed_run",
+        lambda net, analysis, order, algorithm, *setting, chunk=None: Run(
+            algorithm if chunk is None else f"{algorithm}@{chunk}"
+        ),
+    )
     monkeypatch.setattr(_measured, "_seconds_per_call", lambda fn, x, target_s: fake[fn.algorithm])
     yield tmp_path, fake, timed, dtypes
     _calibration.reset()
@@ -455,3 +462,31 @@ def test_a_choice_measured_for_one_layout_is_not_used_for_the_other(measuring):
     timed.clear()
     nnderiv.derivs_fn(net, 3, layout="full")(x)
     assert timed == []  # the full layout's choice is remembered
+
+
+def test_the_engines_chunk_is_measured_among_the_rule_and_larger(measuring, monkeypatch):
+    # The rule sizes chunks to the L2 caches; 2x and 4x it are timed too (XLA:CPU splits
+    # only large fusions over the cores), and the fastest is kept, cached like a choice.
+    from nnderiv import _cpu
+    from nnderiv.bench import _suite
+    from nnderiv.methods import _measured
+
+    _, fake, timed, _ = measuring
+    monkeypatch.setattr(_cpu, "l2_bytes", lambda: 1)  # the rule's smallest chunk, 16 points
+    module = _suite.MODEL_NETS["residual"](8, 2, 1)
+    net = nnderiv.from_flax(module, module.init(jax.random.PRNGKey(0), jnp.ones(3)))
+    x = points(3, (64,))
+    fake.update({"forward": 1.0, "fwdrev": 2.0, "forward@16": 3.0, "forward@32": 1.0, "forward@64": 2.0})
+    plan = nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 64, measure=True)
+    assert (plan.algorithm, plan.chunk) == ("forward", 32)
+    assert {"forward@16", "forward@32", "forward@64"} <= set(timed)
+    timed.clear()
+    _measured.reset()  # a new process: the disk cache answers, nothing is timed again
+    assert nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 64, measure=True).chunk == 32 and timed == []
+    assert nnderiv.METHODS["forward"].init(net, 3, x.dtype, 3, 64).chunk == 32  # also for the explicit method
+    got = nnderiv.METHODS["analytic"].compute(plan, net, x)
+    want = nnderiv.METHODS["nested"](net, x, 3)
+    for a, b in zip(nnderiv.Derivatives(*got, layout="packed", m=3), nnderiv.Derivatives(*want, layout="packed", m=3)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # A batch that fits one chunk has nothing to measure.
+    assert nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 16, measure=True).chunk is None

@@ -126,6 +126,13 @@ def chunk_size(
     return chunk if batch > chunk else batch
 
 
+def default_chunk(net: _network.Network, algorithm: str, m: int, dtype, order: int, batch: int) -> int:
+    """The points per chunk :func:`forward` (or :func:`fwdrev`) uses for ``batch`` points by default."""
+    if algorithm == "fwdrev" and order > 0:
+        return chunk_size(jacobian_program(net, m, dtype), m, order - 1, jnp.dtype(dtype).itemsize, batch)
+    return chunk_size(_network.trace_program(net, m, dtype), m, order, jnp.dtype(dtype).itemsize, batch)
+
+
 def _batched(point_fn, x: jax.Array, chunk: int) -> list:
     """``vmap(point_fn)`` over the batch ``x`` (B, m), ``chunk`` points at a time."""
     return _batching.over_chunks(jax.vmap(point_fn), x, chunk)

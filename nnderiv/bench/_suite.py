@@ -839,7 +839,8 @@ MODEL_NETS = {
     "layernorm": LayerNormMLP,
     "hard-constraint": HardConstraintMLP,
 }
-MODEL_CONFIG = Config(3, 64, 3, 1, 1024, "tanh")
+#: Width 64, depth 3, order 3, at both ends of the batch range the targets name (512-1024).
+MODEL_CONFIGS = (Config(3, 64, 3, 1, 512, "tanh"), Config(3, 64, 3, 1, 1024, "tanh"))
 QUICK_MODEL_CONFIG = Config(2, 16, 2, 1, 64, "tanh")
 MODEL_METHODS = ("analytic", "auto", "jet", "nested")
 
@@ -1525,7 +1526,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None, default_dir
         single_point_sections = (
             ("latency", QUICK_LATENCY_NETS, LATENCY_NETS, run_latency, print_latency),
             ("scan", QUICK_SCAN_NETS, SCAN_NETS, run_scan, print_scan),
-            ("models", [QUICK_MODEL_CONFIG], [MODEL_CONFIG], _run_models, print_models),
+            ("models", [QUICK_MODEL_CONFIG], list(MODEL_CONFIGS), _run_models, print_models),
         )
         for section, quick_nets, full_nets, run_one, print_section in single_point_sections:
             if section not in sections:

@@ -85,6 +85,8 @@ class Plan:
         ``"cost model"`` or ``"measured"``.
       fallback: the engine may run the other Taylor algorithm when this one meets a
         primitive it has no rule for (``analytic`` and ``auto``, not an explicit ``forward``).
+      chunk: points per chunk of the Taylor engine (None: its cache-size rule,
+        ``_taylor.chunk_size``), measured where the rule's neighbours were timed.
     """
 
     algorithm: str
@@ -93,6 +95,7 @@ class Plan:
     batch: int
     how: str
     fallback: bool = False
+    chunk: int | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -169,9 +172,9 @@ def select(net, analysis: Analysis, order: int, batch: int, among=ALGORITHMS, me
     return best, "cost model"
 
 
-def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str, native: bool):
+def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str, native: bool, chunk=None):
     """``x -> fields`` as a ``derivs_fn`` running ``algorithm`` computes them (``net`` baked in)."""
-    plan = Plan(algorithm, analysis, order, 0, "asked", fallback=True)
+    plan = Plan(algorithm, analysis, order, 0, "asked", fallback=True, chunk=chunk)
 
     def run(x):
         with _native.layout_request(layout), contextlib.nullcontext() if native else _native.disabled():
@@ -179,6 +182,42 @@ def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str,
         return tuple(f for f in result if f is not None)
 
     return jax.jit(run)
+
+
+def runs_engine(analysis: Analysis, algorithm: str, order: int) -> bool:
+    """Whether ``algorithm`` runs on the Taylor engine (not a hand-written MLP kernel or AD)."""
+    return algorithm in TAYLOR and (analysis.structure is None or order > 3)
+
+
+def select_chunk(net, analysis: Analysis, order: int, batch: int, algorithm: str, measure: bool = False):
+    """Points per chunk for the engine running ``algorithm`` on ``batch`` points (None: its rule).
+
+    The rule sizes a chunk's Taylor stacks to the cores' L2 caches; how far past that a
+    larger chunk still pays (XLA:CPU splits only large fusions over the cores) depends on
+    the machine and its load, measured 1.2-1.5x either way on a 2-core EPYC VM. So, where
+    choices are measured, the rule's chunk and 2x and 4x it are timed once per machine and
+    model (cached like the algorithm choices) and the fastest is kept.
+    """
+    if not runs_engine(analysis, algorithm, order):
+        return None
+    try:
+        rule = _taylor.default_chunk(net, algorithm, analysis.m, analysis.dtype, order, batch)
+    except _network.UnsupportedModelError:
+        return None
+    if rule >= batch:
+        return None  # one chunk: nothing to choose
+    candidates = sorted({min(rule * f, batch) for f in (1, 2, 4)})
+    names = [f"{algorithm}@{c}" for c in candidates]
+    layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
+    key = _measured.signature(net, analysis, order, batch, names, f"{layout},native={native}")
+    known = _measured.lookup(key)
+    if known in names:
+        return candidates[names.index(known)]
+    if not (measure and _measured.enabled(net)):
+        return None
+    runs = {n: _timed_run(net, analysis, order, algorithm, layout, native, chunk=c) for n, c in zip(names, candidates)}
+    timed = _measured.measure(key, runs, analysis, batch)
+    return None if timed is None else candidates[names.index(timed)]
 
 
 def in_layout(result, layout: str, m: int) -> Derivatives:
@@ -224,7 +263,7 @@ def _mlp_kernel(plan: Plan, net, x: jax.Array) -> Derivatives:
 def _engine(plan: Plan, net, x: jax.Array) -> Derivatives:
     algorithms = {"forward": _taylor.forward, "fwdrev": _taylor.fwdrev}
     try:
-        return algorithms[plan.algorithm](net, x, plan.order)
+        return algorithms[plan.algorithm](net, x, plan.order, chunk=plan.chunk)
     except _network.UnsupportedModelError:
         if not plan.fallback:
             raise
@@ -264,10 +303,11 @@ class Method:
         """Analyse ``net`` (unless ``analysis`` is given) and decide what runs for ``batch`` points."""
         analysis = analysis or analyse(net, m, dtype)
         if len(self.among) == 1:
-            algorithm = self.among[0]
-            return Plan(algorithm, analysis, order, batch, "asked")
-        algorithm, how = select(net, analysis, order, batch, self.among, measure)
-        return Plan(algorithm, analysis, order, batch, how, fallback=True)
+            algorithm, how, fallback = self.among[0], "asked", False
+        else:
+            (algorithm, how), fallback = select(net, analysis, order, batch, self.among, measure), True
+        chunk = select_chunk(net, analysis, order, batch, algorithm, measure)
+        return Plan(algorithm, analysis, order, batch, how, fallback=fallback, chunk=chunk)
 
     def compute(self, plan: Plan, net, x: jax.Array) -> Derivatives:
         """The derivatives of ``net`` at the points ``x`` (B, m), packed, as ``plan`` says."""
