@@ -476,14 +476,19 @@ def test_the_engines_chunk_is_measured_among_the_rule_and_larger(measuring, monk
     module = _suite.MODEL_NETS["residual"](8, 2, 1)
     net = nnderiv.from_flax(module, module.init(jax.random.PRNGKey(0), jnp.ones(3)))
     x = points(3, (64,))
-    fake.update({"forward": 1.0, "fwdrev": 2.0, "forward@16": 3.0, "forward@32": 1.0, "forward@64": 2.0})
+    # Algorithm and chunk are timed together (each algorithm at each of its chunks).
+    fake.update({"forward@16": 3.0, "forward@32": 1.0, "forward@64": 2.0})
+    fake.update({"fwdrev@16": 1.5, "fwdrev@32": 4.0, "fwdrev@64": 4.0})
     plan = nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 64, measure=True)
-    assert (plan.algorithm, plan.chunk) == ("forward", 32)
-    assert {"forward@16", "forward@32", "forward@64"} <= set(timed)
+    assert (plan.algorithm, plan.chunk, plan.how) == ("forward", 32, "measured")
+    assert set(timed) == {"forward@16", "forward@32", "forward@64", "fwdrev@16", "fwdrev@32", "fwdrev@64"}
     timed.clear()
     _measured.reset()  # a new process: the disk cache answers, nothing is timed again
-    assert nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 64, measure=True).chunk == 32 and timed == []
-    assert nnderiv.METHODS["forward"].init(net, 3, x.dtype, 3, 64).chunk == 32  # also for the explicit method
+    again = nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 64, measure=True)
+    assert (again.algorithm, again.chunk) == ("forward", 32) and timed == []
+    # An explicit method times its own chunks.
+    assert nnderiv.METHODS["fwdrev"].init(net, 3, x.dtype, 3, 64, measure=True).chunk == 16
+    assert set(timed) == {"fwdrev@16", "fwdrev@32", "fwdrev@64"}
     got = nnderiv.METHODS["analytic"].compute(plan, net, x)
     want = nnderiv.METHODS["nested"](net, x, 3)
     for a, b in zip(nnderiv.Derivatives(*got, layout="packed", m=3), nnderiv.Derivatives(*want, layout="packed", m=3)):

@@ -140,36 +140,55 @@ def predictions(net, analysis: Analysis, order: int, batch: int) -> dict[str, fl
 
 
 def select(net, analysis: Analysis, order: int, batch: int, among=ALGORITHMS, measure: bool = False):
-    """The algorithm in ``among`` that runs, and how it was decided: ``(algorithm, how)``.
+    """What runs, and how it was decided: ``(algorithm, how, chunk)``.
 
-    The cost model's cheapest; with ``measure``, candidates predicted within a few times
-    of it are timed on this machine instead (cached per machine; see ``_measured``), as a
-    cost model fitted anywhere can be off by that much on another CPU.
+    The cost model's cheapest algorithm in ``among``; with ``measure``, candidates
+    predicted within a few times of it are timed on this machine instead (cached per
+    machine; see ``_measured``), as a cost model fitted anywhere can be off by that much on
+    another CPU. An algorithm that runs on the Taylor engine is timed at each of its chunk
+    sizes (:func:`chunk_candidates`): the two choices depend on each other. ``chunk`` is
+    None for the engine's rule (or a kernel that is not the engine).
     """
     if order == 0:
-        return "forward", "order 0"  # a plain forward pass, whatever the method
+        return "forward", "order 0", None  # a plain forward pass, whatever the method
     costs = {a: c for a, c in predictions(net, analysis, order, batch).items() if a in among}
     if not costs:
-        return among[0], "only one applies"
+        return among[0], "only one applies", None
     if len(costs) == 1:
-        return next(iter(costs)), "only one applies"
+        return next(iter(costs)), "only one applies", None
     best = min(costs, key=costs.get)
     # What the caller will run, which the timing thread cannot see (context variables do
     # not follow a thread): the result's layout (the native kernel writes the full one
     # itself, the XLA kernels expand it after) and whether the native kernel is allowed.
     layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
-    key = _measured.signature(net, analysis, order, batch, sorted(costs), f"{layout},native={native}")
-    known = _measured.lookup(key)
-    if known in costs:
-        return known, "measured"
+    chunks = {a: chunk_candidates(net, analysis, order, batch, a) for a in sorted(costs)}
+    names = [_choice_name(a, c) for a, cs in chunks.items() for c in cs]
+    key = _measured.signature(net, analysis, order, batch, names, f"{layout},native={native}")
+    known = _parse_choice(_measured.lookup(key))
+    if known[0] in costs:
+        return known[0], "measured", known[1]
     if measure and _measured.enabled(net):
         close = [a for a in costs if costs[a] <= _measured.CLOSE * costs[best]]
-        if len(close) > 1:
-            runs = {a: _timed_run(net, analysis, order, a, layout, native) for a in close}
-            timed = _measured.measure(key, runs, analysis, batch)
-            if timed is not None:
-                return timed, "measured"
-    return best, "cost model"
+        variants = [(a, c) for a in close for c in chunks[a]]
+        if len(variants) > 1:
+            runs = {
+                _choice_name(a, c): _timed_run(net, analysis, order, a, layout, native, chunk=c) for a, c in variants
+            }
+            timed = _parse_choice(_measured.measure(key, runs, analysis, batch))
+            if timed[0] is not None:
+                return timed[0], "measured", timed[1]
+    return best, "cost model", None
+
+
+def _choice_name(algorithm: str, chunk: int | None) -> str:
+    return algorithm if chunk is None else f"{algorithm}@{chunk}"
+
+
+def _parse_choice(name: str | None) -> tuple[str | None, int | None]:
+    if not isinstance(name, str):
+        return None, None
+    algorithm, _, chunk = name.partition("@")
+    return algorithm, int(chunk) if chunk.isdigit() else None
 
 
 def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str, native: bool, chunk=None):
@@ -189,25 +208,35 @@ def runs_engine(analysis: Analysis, algorithm: str, order: int) -> bool:
     return algorithm in TAYLOR and (analysis.structure is None or order > 3)
 
 
-def select_chunk(net, analysis: Analysis, order: int, batch: int, algorithm: str, measure: bool = False):
-    """Points per chunk for the engine running ``algorithm`` on ``batch`` points (None: its rule).
+def chunk_candidates(net, analysis: Analysis, order: int, batch: int, algorithm: str) -> list[int | None]:
+    """The chunk sizes worth timing for ``algorithm`` on ``batch`` points ([None]: nothing to choose).
 
-    The rule sizes a chunk's Taylor stacks to the cores' L2 caches; how far past that a
-    larger chunk still pays (XLA:CPU splits only large fusions over the cores) depends on
-    the machine and its load, measured 1.2-1.5x either way on a 2-core EPYC VM. So, where
-    choices are measured, the rule's chunk and 2x and 4x it are timed once per machine and
-    model (cached like the algorithm choices) and the fastest is kept.
+    The engine's rule sizes a chunk's Taylor stacks to the cores' L2 caches; how far past
+    that a larger chunk still pays (XLA:CPU splits only large fusions over the cores)
+    depends on the machine and its load: measured 1.2-1.5x either way on a 2-core EPYC
+    VM. So the rule's chunk, 2x and 4x it are the candidates.
     """
     if not runs_engine(analysis, algorithm, order):
-        return None
+        return [None]
     try:
         rule = _taylor.default_chunk(net, algorithm, analysis.m, analysis.dtype, order, batch)
     except _network.UnsupportedModelError:
-        return None
+        return [None]
     if rule >= batch:
-        return None  # one chunk: nothing to choose
-    candidates = sorted({min(rule * f, batch) for f in (1, 2, 4)})
-    names = [f"{algorithm}@{c}" for c in candidates]
+        return [None]  # one chunk: nothing to choose
+    return sorted({min(rule * f, batch) for f in (1, 2, 4)})
+
+
+def select_chunk(net, analysis: Analysis, order: int, batch: int, algorithm: str, measure: bool = False):
+    """Points per chunk for the engine running ``algorithm`` (an explicit method) on ``batch`` points.
+
+    None: the engine's rule. Where choices are measured, :func:`chunk_candidates` are timed
+    once per machine and model (cached like the algorithm choices) and the fastest is kept.
+    """
+    candidates = chunk_candidates(net, analysis, order, batch, algorithm)
+    if candidates == [None]:
+        return None
+    names = [_choice_name(algorithm, c) for c in candidates]
     layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
     key = _measured.signature(net, analysis, order, batch, names, f"{layout},native={native}")
     known = _measured.lookup(key)
@@ -303,11 +332,11 @@ class Method:
         """Analyse ``net`` (unless ``analysis`` is given) and decide what runs for ``batch`` points."""
         analysis = analysis or analyse(net, m, dtype)
         if len(self.among) == 1:
-            algorithm, how, fallback = self.among[0], "asked", False
-        else:
-            (algorithm, how), fallback = select(net, analysis, order, batch, self.among, measure), True
-        chunk = select_chunk(net, analysis, order, batch, algorithm, measure)
-        return Plan(algorithm, analysis, order, batch, how, fallback=fallback, chunk=chunk)
+            algorithm = self.among[0]
+            chunk = select_chunk(net, analysis, order, batch, algorithm, measure)
+            return Plan(algorithm, analysis, order, batch, "asked", chunk=chunk)
+        algorithm, how, chunk = select(net, analysis, order, batch, self.among, measure)
+        return Plan(algorithm, analysis, order, batch, how, fallback=True, chunk=chunk)
 
     def compute(self, plan: Plan, net, x: jax.Array) -> Derivatives:
         """The derivatives of ``net`` at the points ``x`` (B, m), packed, as ``plan`` says."""
