@@ -1,4 +1,5 @@
 """Interleaved A/B timings: native kernel vs XLA forward kernel vs nested AD (float64)."""
+
 import statistics
 import time
 
@@ -47,9 +48,12 @@ def run(cfg, batch, reps):
         fns["plain jit(apply_point)"] = jax.jit(net.apply_point)
     res = ab(fns, x, reps)
     name = cfg.replace(batch=batch or 1).name
-    print(name, "  ".join(f"{k}={fmt(v)}" for k, v in res.items()),
-          f" xla/native={res['xla-forward'] / res['native']:.2f} nested/native={res['nested'] / res['native']:.2f}",
-          flush=True)
+    print(
+        name,
+        "  ".join(f"{k}={fmt(v)}" for k, v in res.items()),
+        f" xla/native={res['xla-forward'] / res['native']:.2f} nested/native={res['nested'] / res['native']:.2f}",
+        flush=True,
+    )
     return res
 
 
@@ -62,6 +66,7 @@ def scan_step(cfg, steps=256):
         def body(c, x):
             d = fn(x)
             return c + sum(jnp.sum(f) for f in d), None
+
         return jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs)[0])
 
     nat = body_with(d_nat)
@@ -70,8 +75,13 @@ def scan_step(cfg, steps=256):
         block(xla(xs))
     nested = body_with(lambda x: _bench.plain_all(net, x))
     res = ab({"native": nat, "xla-forward": xla, "nested": nested}, xs, 3)
-    print(cfg.name, "scan per step:", "  ".join(f"{k}={fmt(v / steps)}" for k, v in res.items()),
-          f" nested/native={res['nested'] / res['native']:.2f}", flush=True)
+    print(
+        cfg.name,
+        "scan per step:",
+        "  ".join(f"{k}={fmt(v / steps)}" for k, v in res.items()),
+        f" nested/native={res['nested'] / res['native']:.2f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
