@@ -12,36 +12,15 @@ simulation whose steps depend on each other does).
 
 import argparse
 import os
-import time
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+from _pipelined import ab  # noqa: E402  (benchmarks/, the script's folder)
+
 import nnderiv  # noqa: E402
 from nnderiv import _taylor  # noqa: E402
 from nnderiv.bench import _suite as S  # noqa: E402
-
-
-def block(out):
-    jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
-
-
-def ab(fns, x, rounds, target=0.15):
-    reps = {}
-    for k, f in fns.items():
-        block(f(x))
-        t = time.perf_counter()
-        block(f(x))
-        reps[k] = max(1, int(target / max(time.perf_counter() - t, 1e-6)))
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            for _ in range(reps[k]):
-                out = f(x)
-            block(out)
-            best[k] = min(best[k], (time.perf_counter() - t) / reps[k])
-    return best
 
 
 def main():

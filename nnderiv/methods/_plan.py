@@ -157,38 +157,38 @@ def select(net, analysis: Analysis, order: int, batch: int, among=ALGORITHMS, me
     if len(costs) == 1:
         return next(iter(costs)), "only one applies", None
     best = min(costs, key=costs.get)
+    chunks = {a: chunk_candidates(net, analysis, order, batch, a) for a in sorted(costs)}
+    close = [a for a in costs if costs[a] <= _measured.CLOSE * costs[best]]
+    variants = [(a, c) for a, cs in chunks.items() for c in cs]
+    found = _measured_variant(net, analysis, order, batch, variants, [v for v in variants if v[0] in close], measure)
+    if found is not None:
+        return found[0], "measured", found[1]
+    return best, "cost model", None
+
+
+def _measured_variant(net, analysis: Analysis, order: int, batch: int, variants, timed, measure: bool):
+    """The (algorithm, chunk) measured fastest among ``variants``, or None.
+
+    Read from the cache; else, with ``measure``, the ``timed`` ones (the close candidates)
+    are timed now, if there are two or more.
+    """
     # What the caller will run, which the timing thread cannot see (context variables do
     # not follow a thread): the result's layout (the native kernel writes the full one
     # itself, the XLA kernels expand it after) and whether the native kernel is allowed.
     layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
-    chunks = {a: chunk_candidates(net, analysis, order, batch, a) for a in sorted(costs)}
-    names = [_choice_name(a, c) for a, cs in chunks.items() for c in cs]
-    key = _measured.signature(net, analysis, order, batch, names, f"{layout},native={native}")
-    known = _parse_choice(_measured.lookup(key))
-    if known[0] in costs:
-        return known[0], "measured", known[1]
-    if measure and _measured.enabled(net):
-        close = [a for a in costs if costs[a] <= _measured.CLOSE * costs[best]]
-        variants = [(a, c) for a in close for c in chunks[a]]
-        if len(variants) > 1:
-            runs = {
-                _choice_name(a, c): _timed_run(net, analysis, order, a, layout, native, chunk=c) for a, c in variants
-            }
-            timed = _parse_choice(_measured.measure(key, runs, analysis, batch))
-            if timed[0] is not None:
-                return timed[0], "measured", timed[1]
-    return best, "cost model", None
+    names = {_choice_name(a, c): (a, c) for a, c in variants}
+    key = _measured.signature(net, analysis, order, batch, list(names), f"{layout},native={native}")
+    known = _measured.lookup(key)
+    if known in names:
+        return names[known]
+    if not (measure and _measured.enabled(net)) or len(timed) < 2:
+        return None
+    runs = {_choice_name(a, c): _timed_run(net, analysis, order, a, layout, native, chunk=c) for a, c in timed}
+    return names.get(_measured.measure(key, runs, analysis, batch))
 
 
 def _choice_name(algorithm: str, chunk: int | None) -> str:
     return algorithm if chunk is None else f"{algorithm}@{chunk}"
-
-
-def _parse_choice(name: str | None) -> tuple[str | None, int | None]:
-    if not isinstance(name, str):
-        return None, None
-    algorithm, _, chunk = name.partition("@")
-    return algorithm, int(chunk) if chunk.isdigit() else None
 
 
 def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str, native: bool, chunk=None):
@@ -236,17 +236,9 @@ def select_chunk(net, analysis: Analysis, order: int, batch: int, algorithm: str
     candidates = chunk_candidates(net, analysis, order, batch, algorithm)
     if candidates == [None]:
         return None
-    names = [_choice_name(algorithm, c) for c in candidates]
-    layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
-    key = _measured.signature(net, analysis, order, batch, names, f"{layout},native={native}")
-    known = _measured.lookup(key)
-    if known in names:
-        return candidates[names.index(known)]
-    if not (measure and _measured.enabled(net)):
-        return None
-    runs = {n: _timed_run(net, analysis, order, algorithm, layout, native, chunk=c) for n, c in zip(names, candidates)}
-    timed = _measured.measure(key, runs, analysis, batch)
-    return None if timed is None else candidates[names.index(timed)]
+    variants = [(algorithm, c) for c in candidates]
+    found = _measured_variant(net, analysis, order, batch, variants, variants, measure)
+    return None if found is None else found[1]
 
 
 def in_layout(result, layout: str, m: int) -> Derivatives:
