@@ -31,6 +31,7 @@ from . import _models
 from .helpers import assert_derivatives_close, relative_error
 
 RTOL = {"float64": 1e-12, "float32": 2e-5}
+ALGORITHMS = tuple(_native.ALGORITHM_CODES)
 ALL = [*_activations.ACTIVATIONS, "leaky_relu"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +72,9 @@ def _nested(stages, x, order):
     return [jax.vmap(g)(x) for g in fns[: order + 1]]
 
 
-def _check(stages, x, order, layout, dtype="float64", label=""):
-    got = _native.native_derivatives(stages, x, order, layout)
+def _check(stages, x, order, layout, dtype="float64", label="", algorithm="forward"):
+    """The native kernel running ``algorithm`` against the XLA forward kernel."""
+    got = _native.native_derivatives(stages, x, order, layout, algorithm)
     assert got is not None, f"{label}: the native kernel did not apply"
     want = _native._xla_fields(stages, x, order, layout == "full")
     assert len(got) == order + 1
@@ -98,13 +100,14 @@ def _check(stages, x, order, layout, dtype="float64", label=""):
     return 0.0
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("activation", ALL)
-def test_kernel_matches_xla_every_activation(activation):
+def test_kernel_matches_xla_every_activation(activation, algorithm):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((7, 3)) * 1.3)
     for order in (1, 2, 3):
         for layout in ("packed", "full"):
             stages = _stages(3, (17, 9), 2, activation, jnp.float64, seed=order)
-            _check(stages, x, order, layout, label=f"{activation} order {order} {layout}")
+            _check(stages, x, order, layout, label=f"{activation} order {order} {layout}", algorithm=algorithm)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6])
@@ -122,7 +125,9 @@ def test_kernel_matches_xla_shapes(m):
         x = jnp.asarray(rng.standard_normal((batch, m)))
         order = 1 + (m + depth) % 3 if depth < 3 else 3
         layout = ("packed", "full")[(depth + m // 2) % 2]
-        _check(stages, x, order, layout, label=f"m{m} {widths} n{n} {activation} b{batch} o{order} {layout}")
+        for algorithm in ALGORITHMS:
+            label = f"{algorithm} m{m} {widths} n{n} {activation} b{batch} o{order} {layout}"
+            _check(stages, x, order, layout, label=label, algorithm=algorithm)
 
 
 def test_kernel_wide_layers_and_threads():
@@ -130,17 +135,43 @@ def test_kernel_wide_layers_and_threads():
     # enough for the GEMM path, and a batch large enough for the thread pool.
     stages = _stages(4, (70, 64, 13), 9, "tanh", jnp.float64, seed=5)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1003, 4)))
-    _check(stages, x, 3, "full", label="wide")
-    _check(stages, x, 2, "packed", label="wide order 2")
+    for algorithm in ALGORITHMS:
+        _check(stages, x, 3, "full", label=f"wide {algorithm}", algorithm=algorithm)
+        _check(stages, x, 2, "packed", label=f"wide order 2 {algorithm}", algorithm=algorithm)
+
+
+def test_fwdrev_many_inputs_and_unusual_stages():
+    # Where forward-over-reverse is the cheaper algorithm (m >= 6, one output), and stage
+    # sequences off the usual pattern: two activations in a row, a network that ends in an
+    # activation (the adjoints start as the identity), two leading affine layers, a narrow
+    # hidden layer (width 3: the reverse matmul contracts over 3 columns).
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((300, 8)))
+    wide = _stages(8, (64, 40), 1, "softplus", jnp.float64, seed=1)
+    tanh = _activations.ACTIVATIONS["tanh"]
+    odd = [
+        _network.RuntimeAffine(jnp.asarray(rng.standard_normal((8, 12)) * 0.4), None),
+        _network.RuntimeAffine(jnp.asarray(rng.standard_normal((12, 24)) * 0.3), jnp.asarray(rng.standard_normal(24))),
+        tanh,
+        _activations.ACTIVATIONS["sigmoid"],
+        _network.RuntimeAffine(jnp.asarray(rng.standard_normal((24, 3)) * 0.4), None),
+        tanh,
+        _network.RuntimeAffine(jnp.asarray(rng.standard_normal((3, 5)) * 0.8), jnp.asarray(rng.standard_normal(5))),
+        _activations.ACTIVATIONS["silu"],
+    ]
+    for order in (1, 2, 3):
+        _check(wide, x, order, "full", label=f"m8 64x40 order {order}", algorithm="fwdrev")
+        _check(odd, x, order, ("packed", "full")[order % 2], label=f"odd stages order {order}", algorithm="fwdrev")
 
 
 def test_kernel_float32():
     for activation in ("tanh", "softplus", "gelu_tanh", "sin"):
         stages = _stages(3, (32, 24), 2, activation, jnp.float32, seed=3)
         x = jnp.asarray(np.random.default_rng(3).standard_normal((50, 3)), jnp.float32)
-        got = _native.native_derivatives(stages, x, 3, "packed")
-        assert all(f.dtype == jnp.float32 for f in got)
-        _check(stages, x, 3, "packed", "float32", label=f"float32 {activation}")
+        for algorithm in ALGORITHMS:
+            got = _native.native_derivatives(stages, x, 3, "packed", algorithm)
+            assert all(f.dtype == jnp.float32 for f in got)
+            _check(stages, x, 3, "packed", "float32", label=f"float32 {activation} {algorithm}", algorithm=algorithm)
 
 
 def test_kernel_does_not_apply():
@@ -153,17 +184,20 @@ def test_kernel_does_not_apply():
     assert _native.native_derivatives(stages, x.astype(jnp.float32), 3, "packed") is None  # mixed dtypes
     with _native.disabled():
         assert _native.native_derivatives(stages, x, 3, "packed") is None
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        _native.native_derivatives(stages, x, 3, "packed", "nested")
 
 
-def test_non_finite_rows_stay_isolated():
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_non_finite_rows_stay_isolated(algorithm):
     stages = _stages(3, (16, 16), 2, "softplus", jnp.float64, seed=4)
     x = np.random.default_rng(4).standard_normal((40, 3))
     x[3, 1] = np.nan
     x[17, 0] = np.inf
     x[18, 2] = -np.inf
     x = jnp.asarray(x)
-    got = _native.native_derivatives(stages, x, 3, "full")
-    want = _native._xla_fields(stages, x, 3, True)
+    got = _native.native_derivatives(stages, x, 3, "full", algorithm)
+    want = _native._xla_fields(stages, x, 3, True, algorithm)
     bad = np.array([3, 17, 18])
     good = np.setdiff1d(np.arange(40), bad)
     assert_derivatives_close([f[good] for f in got], [f[good] for f in want], RTOL["float64"], "finite rows")
@@ -199,11 +233,13 @@ def test_api_matches_xla_and_nested(batch):
     assert_derivatives_close(nnderiv.derivatives(net, x, 3, method="forward"), nested, 1e-11, "vs nested")
 
 
-def test_api_program_is_one_custom_call():
+@pytest.mark.parametrize("method", ALGORITHMS)
+def test_api_program_is_one_custom_call(method):
     net = _case("tanh").net()
-    hlo = nnderiv.derivs_fn(net, 3, "forward").lower(jnp.ones(3)).as_text()
+    hlo = nnderiv.derivs_fn(net, 3, method).lower(jnp.ones(3)).as_text()
     assert hlo.count(_native.TARGET) == 1
     assert "dot_general" not in hlo and "gather" not in hlo
+    assert f"algorithm = {_native.ALGORITHM_CODES[method]} : i64" in hlo
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -215,14 +251,15 @@ def test_api_orders(order):
     assert_derivatives_close(got, _xla_derivs(net, x, order), RTOL["float64"], f"order {order}")
 
 
-def test_parameter_gradients_match_xla():
+@pytest.mark.parametrize("method", ALGORITHMS)
+def test_parameter_gradients_match_xla(method):
     # PINN training: gradients of a loss of the derivatives with respect to the parameters
     # (through the custom call's JVP, which is the XLA kernel's), and with respect to x.
     case = _models.linen_mlp(2, [8, 8], 1, "softplus", seed=2)
     x = _models.points(2, (6,))
 
     def loss(variables, x):
-        d = nnderiv.derivatives(nnderiv.from_flax(case.module, variables), x, 3, method="forward")
+        d = nnderiv.derivatives(nnderiv.from_flax(case.module, variables), x, 3, method=method)
         return jnp.sum(d.value**2) + jnp.sum(d.hessian) + 0.1 * jnp.sum(d.third**2)
 
     got = jax.jit(jax.grad(loss, argnums=(0, 1)))(case.variables, x)
@@ -235,9 +272,10 @@ def test_parameter_gradients_match_xla():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12)
 
 
-def test_jit_vmap_scan():
+@pytest.mark.parametrize("method", ALGORITHMS)
+def test_jit_vmap_scan(method):
     net = _case("tanh").net()
-    derivs = nnderiv.derivs_fn(net, 3, "forward")
+    derivs = nnderiv.derivs_fn(net, 3, method)
     x = _models.points(3, (8,))
     whole = derivs(x)
     assert_derivatives_close(jax.vmap(derivs)(x), whole, RTOL["float64"], "vmap over points")
@@ -258,7 +296,7 @@ def test_jit_vmap_scan():
     ensemble = jax.tree_util.tree_map(lambda a: jnp.stack([a, 0.9 * a, 1.1 * a]), case.variables)
 
     def one(variables, x):
-        return nnderiv.derivatives(nnderiv.from_flax(case.module, variables), x, 3, method="forward")
+        return nnderiv.derivatives(nnderiv.from_flax(case.module, variables), x, 3, method=method)
 
     got = jax.vmap(one, in_axes=(0, None))(ensemble, x)
     for i in range(3):

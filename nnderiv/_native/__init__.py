@@ -267,12 +267,16 @@ def _encode(stages):
     return kinds, slopes, params
 
 
-def _xla_fields(stages, x, order: int, full: bool):
-    """The same fields from the XLA forward kernel (the custom call's JVP, and the reference)."""
+def _xla_fields(stages, x, order: int, full: bool, algorithm: str = "forward"):
+    """The same fields from the XLA kernel of ``algorithm`` (the custom call's JVP, and the reference)."""
     from .._derivatives import expand_fields
     from ..methods.forward import forward_stack, unpack
+    from ..methods.fwdrev import fwdrev_kernel
 
-    result = unpack(forward_stack(stages, x, order), x.shape[-1], order)
+    if algorithm == "fwdrev":
+        result = fwdrev_kernel(stages, x, stages_outputs(stages, x.shape[-1]), order)
+    else:
+        result = unpack(forward_stack(stages, x, order), x.shape[-1], order)
     if full:
         result = expand_fields(result, x.shape[-1])
     return tuple(result[: order + 1])
@@ -307,20 +311,34 @@ def applies(stages, x, order: int) -> bool:
     return load()
 
 
-def native_derivatives(stages, x, order: int, layout: str = "packed"):
+def stages_outputs(stages, m: int) -> int:
+    """The number of outputs of ``stages`` on ``m`` inputs."""
+    widths = [s.weight.shape[1] for s in stages if hasattr(s, "weight")]
+    return widths[-1] if widths else m
+
+
+#: The kernel's algorithms, as its ``algorithm`` attribute encodes them.
+ALGORITHM_CODES = {"forward": 0, "fwdrev": 1}
+
+
+def native_derivatives(stages, x, order: int, layout: str = "packed", algorithm: str = "forward"):
     """The derivative fields of ``stages`` at ``x`` (B, m) from the native kernel, or None.
 
     Returns ``(value, jacobian, hessian, third)[: order + 1]`` with outputs first, in
     ``layout`` (``"packed"``: ``(B, n, C(m+1,2))``, ``(B, n, C(m+2,3))``; ``"full"``:
     ``(B, n, m, m)``, ``(B, n, m, m, m)``), or None where the kernel does not apply.
+    ``algorithm``: ``"forward"`` (the packed forward recursion to ``order``) or
+    ``"fwdrev"`` (forward to ``order - 1``, then one reverse sweep per output); the same
+    numbers up to rounding.
     """
+    if algorithm not in ALGORITHM_CODES:
+        raise ValueError(f"unknown algorithm {algorithm!r}; one of {tuple(ALGORITHM_CODES)}")
     if layout not in ("packed", "full") or not applies(stages, x, order):
         return None
     kinds, slopes, params = _encode(stages)
     full = layout == "full"
     batch, m = x.shape
-    widths = [s.weight.shape[1] for s in stages if hasattr(s, "weight")]
-    n = widths[-1] if widths else m
+    n = stages_outputs(stages, m)
     shapes = [(batch, n), (batch, n, m)]
     shapes.append((batch, n, m, m) if full else (batch, n, comb(m + 1, 2)))
     shapes.append((batch, n, m, m, m) if full else (batch, n, comb(m + 2, 3)))
@@ -331,6 +349,7 @@ def native_derivatives(stages, x, order: int, layout: str = "packed"):
         slopes=np.asarray(slopes, np.float64),
         order=np.int64(order),
         full=np.int64(full),
+        algorithm=np.int64(ALGORITHM_CODES[algorithm]),
     )
 
     @jax.custom_jvp
@@ -341,7 +360,7 @@ def native_derivatives(stages, x, order: int, layout: str = "packed"):
     def fields_jvp(primals, tangents):
         out = fields(*primals)
         _, tangent_out = jax.jvp(
-            lambda x, *params: _xla_fields(_rebuild(stages, params), x, order, full), primals, tangents
+            lambda x, *params: _xla_fields(_rebuild(stages, params), x, order, full, algorithm), primals, tangents
         )
         return out, tangent_out
 

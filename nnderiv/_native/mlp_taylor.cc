@@ -13,12 +13,16 @@
 // elementwise rule runs over the same buffer while it is in cache. Tiles are spread over
 // a persistent thread pool (sized by sched_getaffinity) for large batches.
 //
+// Forward-over-reverse (for few outputs: (1 + n) C(m+2,2) columns against C(m+3,3)) runs
+// the same recursion to order 2, keeps each activation's slope stack, and sweeps the n
+// output adjoints back through the layers as stacks of the same order.
+//
 // The compute (mlp_taylor_impl.inc) is compiled twice, for AVX2+FMA and for the baseline
 // target; __builtin_cpu_supports picks one at run time.
 //
 // Custom call attributes: kinds (int64, one per stage: -1 affine, -2 affine with bias,
 // >= 0 activation code), slopes (float64 per stage, leaky_relu), order (1..3), full
-// (1: full symmetric tensors, 0: packed). Operands: x (..., B, m), then per affine stage
+// (1: full symmetric tensors, 0: packed), algorithm (0: forward, 1: forward-over-reverse). Operands: x (..., B, m), then per affine stage
 // its weight (..., in, out) and bias (..., out) if it has one. Results: value (..., B, n),
 // jacobian (..., B, n, m), hessian (..., B, n, m, m) or (..., B, n, P2), third
 // (..., B, n, m, m, m) or (..., B, n, P3), as many as order + 1. Leading dimensions
@@ -132,6 +136,9 @@ struct Affine {
   int ncols = 0;         // out rounded up to the micro-kernel's columns
   std::vector<T> Wpad;   // (in, ncols) zero-padded copy, when out is not a multiple
   std::vector<T> Wtbuf;  // (out, in) transposed, for narrow layers with out > 1
+  const T* Bt = nullptr; // forward-over-reverse, hidden layers: W^T as (out, ldbt), zero-padded
+  int64_t ldbt = 0;      // in rounded up to the micro-kernel's columns
+  std::vector<T> Btbuf;
 };
 
 // A call's program. One per thread, reused from call to call (the vectors keep their
@@ -149,9 +156,25 @@ struct Program {
   int64_t tile = 1;
   std::vector<T> Rp;  // K x maxld: rows 1.. the constant rows and their products
   std::vector<T> R, R2;  // m x maxld: the constant rows through several leading layers
+  std::vector<int> width;  // per stage: its output width
+
+  // Forward-over-reverse (fwdrev true): tbp holds the tables of the inner order
+  // (order_out - 1) and a stack has Kf rows.
+  bool fwdrev = false;
+  int order_out = 0;
+  int Kf = 0;
+  int last_act = 0;          // index of the last activation
+  int nacts = 0;             // activations, each keeping its slope stacks
+  std::vector<int> gslot;    // per stage: which slope stack (activations)
+  std::vector<T> Cadj;       // n x maxld: d output / d (last activation's output)
+  std::vector<T> Rt;         // (first activation's width) x mpad: the constant rows transposed
+  int64_t mpad = 0;          // m rounded up to the micro-kernel's columns
 
   const Tables& tb() const { return *tbp; }
   size_t work_size() const {
+    if (fwdrev)
+      return (size_t)((2 + nacts + 2 * n) * tile * Kf * maxld + tile * n * Kf * mpad + 2 * tile * maxld +
+                      4 * maxld);
     return (size_t)(2 * tile * tbp->K * maxld + 2 * tile * maxld + (4 + tbp->P2) * maxld);
   }
 };
@@ -305,6 +328,7 @@ struct Call {
   int64_t S = 0;   // slices of the results
   int order = 0;
   bool full = false;
+  bool fwdrev = false;  // the algorithm: forward-over-reverse, else forward
   std::vector<int64_t> kinds;
   std::vector<double> slopes;
   std::vector<const T*> W, b;  // per affine stage; b null without a bias
@@ -325,6 +349,55 @@ struct Call {
   }
 };
 
+// What forward-over-reverse adds to prepare(): the transposed weights of the hidden
+// layers, the constant adjoint after the last activation, the constant rows transposed.
+// R: the constant rows (m rows, ld apart) of the first activation.
+template <class T>
+static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
+  const int nstages = (int)P.kinds.size(), m = P.tb().m, n = P.n;
+  P.last_act = P.first_act;
+  P.nacts = 0;
+  P.gslot.assign(nstages, -1);
+  for (int s = P.first_act; s < nstages; ++s)
+    if (P.kinds[s] >= 0) {
+      P.last_act = s;
+      P.gslot[s] = P.nacts++;
+    }
+  for (int s = P.first_act + 1; s < P.last_act; ++s) {
+    if (P.kinds[s] >= 0) continue;
+    Affine<T>& a = P.affine[s];
+    a.ldbt = round_up(a.in, kNR<T>);
+    a.Btbuf.assign((size_t)a.out * a.ldbt, T(0));
+    for (int k = 0; k < a.in; ++k)
+      for (int o = 0; o < a.out; ++o) a.Btbuf[(size_t)o * a.ldbt + k] = a.W[(size_t)k * a.out + o];
+    a.Bt = a.Btbuf.data();
+  }
+  // C = (W_last ... W_first-after)^T, from the identity (n x n) backwards: C <- C W^T.
+  std::vector<T>& C = P.Cadj;
+  C.assign((size_t)n * ld, T(0));
+  for (int i = 0; i < n; ++i) C[(size_t)i * ld + i] = 1;
+  for (int s = nstages - 1; s > P.last_act; --s) {
+    const Affine<T>& a = P.affine[s];
+    P.R2.assign((size_t)n * ld, T(0));
+    for (int i = 0; i < n; ++i)
+      for (int k = 0; k < a.in; ++k) {
+        T acc = 0;
+        for (int o = 0; o < a.out; ++o) acc += C[(size_t)i * ld + o] * a.W[(size_t)k * a.out + o];
+        P.R2[(size_t)i * ld + k] = acc;
+      }
+    C.swap(P.R2);
+  }
+  const int w = P.width[P.first_act];
+  P.mpad = round_up(m, kNR<T>);
+  P.Rt.assign((size_t)w * P.mpad, T(0));
+  for (int j = 0; j < m; ++j)
+    for (int u = 0; u < w; ++u) P.Rt[(size_t)u * P.mpad + j] = R[(int64_t)j * ld + u];
+  // A tile's stacks (forward, slopes, adjoints) in about 192 KB.
+  const int64_t per_point =
+      ((2 + P.nacts + 2 * n) * (int64_t)P.Kf * ld + (int64_t)n * P.Kf * P.mpad) * (int64_t)sizeof(T);
+  P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (192 * 1024) / per_point));
+}
+
 template <class T>
 static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
   const Tables& tb = P.tb();
@@ -333,14 +406,17 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
   if ((int)P.affine.size() < nstages) P.affine.resize(nstages);
   int widest = m, ai = 0;
   P.first_act = nstages;
+  P.width.resize(nstages);
   for (int s = 0; s < nstages; ++s) {
     if (P.kinds[s] >= 0) {
       if (P.first_act == nstages) P.first_act = s;
+      P.width[s] = s == 0 ? m : P.width[s - 1];
       continue;
     }
     Affine<T>& a = P.affine[s];
     a.in = c.ins[ai];
     a.out = c.outs[ai];
+    P.width[s] = a.out;
     a.W = c.W[ai] + (c.wslices[ai] == 1 ? 0 : slice * (int64_t)a.in * a.out);
     a.b = c.b[ai] ? c.b[ai] + (c.bslices[ai] == 1 ? 0 : slice * (int64_t)a.out) : nullptr;
     ++ai;
@@ -412,6 +488,10 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     avx2::constant_products<T>(tb, P.Rp.data(), ld, rw);
   else
     generic::constant_products<T>(tb, P.Rp.data(), ld, rw);
+  if (P.fwdrev) {
+    prepare_fwdrev<T>(P, R, ld);
+    return;
+  }
   // A tile's two stacks in about 96 KB (L2-resident; the weights of a 64-wide layer are 32 KB).
   const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * 2;
   P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (96 * 1024) / per_point));
@@ -422,15 +502,26 @@ static void run_range(const Program<T>& P, const T* x, const Outputs<T>& out, in
   thread_local std::vector<T> work;
   const size_t need = P.work_size();
   if (work.size() < need) work.assign(need, T(0));
-  if (use_avx2())
+  if (P.fwdrev) {
+    if (use_avx2())
+      avx2::run_points_fwdrev<T>(P, x, out, b0, b1, work.data());
+    else
+      generic::run_points_fwdrev<T>(P, x, out, b0, b1, work.data());
+  } else if (use_avx2()) {
     avx2::run_points<T>(P, x, out, b0, b1, work.data());
-  else
+  } else {
     generic::run_points<T>(P, x, out, b0, b1, work.data());
+  }
 }
 
 template <class T>
 static double flops_per_point(const Program<T>& P) {
   double f = 0;
+  if (P.fwdrev) {
+    for (int s = P.first_act + 1; s < P.last_act; ++s)
+      if (P.kinds[s] < 0) f += 2.0 * (1 + P.n) * P.Kf * P.affine[s].in * P.affine[s].out;
+    return f + 2.0 * P.n * P.Kf * P.width[P.first_act] * P.tb().m + 1.0;
+  }
   for (size_t s = 0; s < P.kinds.size(); ++s)
     if (P.kinds[s] < 0 && (int)s > P.first_act) f += 2.0 * P.tb().K * P.affine[s].in * P.affine[s].out;
   return f + 1.0;
@@ -471,7 +562,14 @@ static void run_call(const Call<T>& c) {
   const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
   const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
   thread_local Program<T> P;  // this thread's, reused (see Program)
-  P.tbp = &tables_for(m, order);
+  // Forward-over-reverse needs an activation to sweep back through; without one the
+  // network is affine and the forward recursion is exact and as cheap.
+  bool any_act = false;
+  for (int64_t k : c.kinds) any_act = any_act || k >= 0;
+  P.fwdrev = c.fwdrev && any_act;
+  P.order_out = order;
+  P.tbp = &tables_for(m, P.fwdrev ? order - 1 : order);
+  P.Kf = P.fwdrev && order == 1 ? 1 : P.tbp->K;
   P.n = n;
   P.kinds.resize(c.kinds.size());
   P.slopes.resize(c.kinds.size());
@@ -504,7 +602,8 @@ static void run_call(const Call<T>& c) {
 
 template <class T>
 static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                          ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int order, bool full) {
+                          ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int order, bool full,
+                          bool fwdrev) {
   const auto xd = x.dimensions();
   if (xd.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
   thread_local Call<T> c;  // this thread's, reused: no allocation in steady state
@@ -513,6 +612,7 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   c.m = (int)xd[xd.size() - 1];
   c.order = order;
   c.full = full;
+  c.fwdrev = fwdrev;
   const int64_t Bp = c.Bp;
   const int m = c.m;
   if ((int64_t)rets.size() != order + 1) return ffi::Error::InvalidArgument("expected order + 1 results");
@@ -573,13 +673,14 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
 
 static ffi::Error MlpTaylorImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets,
                                 ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int64_t order,
-                                int64_t full) {
+                                int64_t full, int64_t algorithm) {
   if (order < 1 || order > 3) return ffi::Error::InvalidArgument("order must be 1, 2 or 3");
+  if (algorithm != 0 && algorithm != 1) return ffi::Error::InvalidArgument("algorithm must be 0 or 1");
   switch (x.element_type()) {
     case ffi::DataType::F64:
-      return compute<double>(x, args, rets, kinds, slopes, (int)order, full != 0);
+      return compute<double>(x, args, rets, kinds, slopes, (int)order, full != 0, algorithm == 1);
     case ffi::DataType::F32:
-      return compute<float>(x, args, rets, kinds, slopes, (int)order, full != 0);
+      return compute<float>(x, args, rets, kinds, slopes, (int)order, full != 0, algorithm == 1);
     default:
       return ffi::Error::InvalidArgument("x must be float32 or float64");
   }
@@ -595,7 +696,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnderivMlpTaylor, nnd::MlpTaylorImpl,
                                   .Attr<ffi::Span<const int64_t>>("kinds")
                                   .Attr<ffi::Span<const double>>("slopes")
                                   .Attr<int64_t>("order")
-                                  .Attr<int64_t>("full"));
+                                  .Attr<int64_t>("full")
+                                  .Attr<int64_t>("algorithm"));
 
 // For tests and status reports: which compute copy this CPU runs.
 extern "C" int NnderivMlpTaylorIsa() { return nnd::use_avx2() ? 2 : 0; }

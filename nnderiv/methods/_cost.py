@@ -106,10 +106,11 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
     raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
 
 
-# The native kernel (``nnderiv._native``) runs forward as one op per call, its rule in the
-# same pass over a cache-resident tile as the matmul: measured 1.2-1.4x faster than the
-# XLA forward kernel on batches (benchmarks/native_ab.py), i.e. about half its
-# elementwise cost.
+# The native kernel (``nnderiv._native``) runs forward and fwdrev as one op per call,
+# each rule in the same pass over a cache-resident tile as the matmul: forward measured
+# 1.2-1.4x faster than the XLA forward kernel on batches (benchmarks/native_ab.py), i.e.
+# about half its elementwise cost; fwdrev 4-6x faster than XLA's (which spends most of
+# its time in elementwise passes and gathers outside the matmuls).
 _NATIVE_ELEMENTWISE = 0.5
 
 
@@ -117,7 +118,7 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native: 
     """Per algorithm: its :class:`Work` for one point.
 
     ``layers`` lists the affine layers as (fan_in, fan_out), input layer first;
-    ``native``: forward runs on the native kernel.
+    ``native``: forward and fwdrev run on the native kernel.
     """
     hidden = sum(o for _, o in layers[:-1])
     order = max(order, 1)
@@ -138,8 +139,9 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native: 
         matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     if native:
-        f = out["forward"]
-        out["forward"] = Work(f.matmuls, f.elements * _NATIVE_ELEMENTWISE, 1.0)
+        for name in ANALYTIC:
+            f = out[name]
+            out[name] = Work(f.matmuls, f.elements * _NATIVE_ELEMENTWISE, 1.0)
     return out
 
 
@@ -156,7 +158,7 @@ def predicted_seconds(
     """Predicted seconds *per point* of each algorithm on a batch of ``batch`` points.
 
     ``rates``: the machine's (default: this machine's calibration, see ``_calibration``);
-    ``native``: forward runs on the native kernel.
+    ``native``: forward and fwdrev run on the native kernel.
     """
     rates = rates or _calibration.current(dtype).rates
     batch = max(int(batch), 1)

@@ -119,7 +119,7 @@ def _engine_work(net, analysis: Analysis, order: int) -> dict[str, float] | None
 
 
 def native_applies(net, analysis: Analysis, order: int, batch: int) -> bool:
-    """Whether the forward algorithm of this MLP would run on the native kernel."""
+    """Whether the analytic algorithms (forward, fwdrev) of this MLP would run on the native kernel."""
     if analysis.structure is None or order > 3:
         return False
     shape = _cost._ShapeOnly((batch, analysis.m), analysis.structure.dtype)  # noqa: SLF001
@@ -262,16 +262,15 @@ def _value_only(stages, x):
 
 
 def _mlp_kernel(plan: Plan, net, x: jax.Array) -> Derivatives:
-    """The hand-written kernels of an MLP up to order 3 (the native one for forward, if it applies)."""
+    """The hand-written kernels of an MLP up to order 3 (the native ones, where they apply)."""
     analysis, order = plan.analysis, plan.order
     stages = analysis.stages(net)
     x = x.astype(analysis.structure.dtype)
     if order == 0:
         return _value_only(stages, x)
-    if plan.algorithm == "forward":
-        native = _native.native_derivatives(stages, x, order, _native.requested_layout())
-        if native is not None:
-            return Derivatives(*native)
+    native = _native.native_derivatives(stages, x, order, _native.requested_layout(), plan.algorithm)
+    if native is not None:
+        return Derivatives(*native)
     n, m = analysis.n, analysis.m
     chunk = _cost.chunk_size(plan.algorithm, analysis.layers, x.shape[0], m, n, order, x.dtype)
     if plan.algorithm == "forward":
