@@ -366,11 +366,13 @@ def test_close_candidates_are_timed_and_the_fastest_is_kept(measuring):
     timed.clear()
     nnderiv.derivs_fn(net, order=3)(x)
     assert timed == [] and choose(net, 3, x.dtype, 3, 8) == slowest_predicted
-    # Another machine's cache is not used.
-    saved["fingerprint"]["cpu"] = "another CPU"
-    (path / "choices.json").write_text(json.dumps(saved))
-    _measured.reset()
-    assert _measured.lookup(next(iter(saved["choices"]))) is None
+    # Another machine's cache is not used, nor one measured on other code (the kernels changed).
+    for field, value in (("cpu", "another CPU"), ("code", "0" * 16)):
+        stale = json.loads(json.dumps(saved))
+        stale["fingerprint"][field] = value
+        (path / "choices.json").write_text(json.dumps(stale))
+        _measured.reset()
+        assert _measured.lookup(next(iter(saved["choices"]))) is None, field
 
 
 def test_measuring_is_off_for_one_off_calls_traced_parameters_and_mode_off(measuring, monkeypatch):

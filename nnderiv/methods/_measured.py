@@ -10,9 +10,10 @@ measuring.
 
 * A choice is cached in memory and in ``choices.json`` next to the calibration
   (``$NNDERIV_CACHE_DIR``, or the user's cache directory), keyed by the calibration's
-  machine fingerprint and a signature of the model's structure (layer sizes and
-  activations, or the program's primitives and shapes), order, dtype and batch size
-  (rounded to a power of two). Another CPU, core count or JAX version measures again.
+  machine fingerprint, a digest of the package's code, and a signature of the model's
+  structure (layer sizes and activations, or the program's primitives and shapes),
+  order, dtype and batch size (rounded to a power of two). Another CPU, core count, JAX
+  version or version of the kernels measures again.
 * ``NNDERIV_CALIBRATION=off`` turns measuring off (the cost model decides); ``probe``
   measures again and rewrites the cached choice. Nothing here raises: a failed
   measurement leaves the cost model's choice.
@@ -23,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import functools
 import hashlib
 import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -107,9 +110,27 @@ def signature(net, analysis, order: int, batch: int, candidates, setting: str = 
     )
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A digest of the package's source (Python and the native kernel's C++).
+
+    Timings belong to the code that was timed: a choice measured before a kernel changed
+    (an upgrade, or a development checkout between edits) is measured again.
+    """
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cc", ".inc")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            pass
+    return digest.hexdigest()[:16]
+
+
 def _fingerprint() -> dict | None:
     try:
-        return _calibration.fingerprint()
+        return {**_calibration.fingerprint(), "code": code_digest()}
     except Exception:  # noqa: BLE001 - no backend: nothing to key on
         return None
 
