@@ -1,4 +1,4 @@
-"""Interleaved A/B timings: native kernel vs XLA forward kernel vs nested AD (float64)."""
+"""Interleaved A/B timings: native kernel vs the XLA kernel of the same algorithm vs nested AD (float64)."""
 
 import statistics
 import time
@@ -34,24 +34,25 @@ def fmt(t):
     return f"{t * 1e6:9.1f} us"
 
 
-def run(cfg, batch, reps):
+def run(cfg, batch, reps, algorithm="forward"):
     net = _bench.build_net(cfg, "float64")
     x = _bench.make_points(cfg.m, batch, "float64")
-    nat = nnderiv.derivs_fn(net, 3, "forward")
-    xla = nnderiv.derivs_fn(net, 3, "forward")
+    nat = nnderiv.derivs_fn(net, 3, algorithm)
+    xla = nnderiv.derivs_fn(net, 3, algorithm)
     with _native.disabled():
         block(xla(x))
     block(nat(x))
     nested = jax.jit(lambda x: _bench.plain_all(net, x)) if batch is None else _bench.baseline_fn(net)
-    fns = {"native": nat, "xla-forward": xla, "nested": nested}
+    fns = {"native": nat, f"xla-{algorithm}": xla, "nested": nested}
     if batch is None:
         fns["plain jit(apply_point)"] = jax.jit(net.apply_point)
     res = ab(fns, x, reps)
     name = cfg.replace(batch=batch or 1).name
     print(
         name,
+        algorithm,
         "  ".join(f"{k}={fmt(v)}" for k, v in res.items()),
-        f" xla/native={res['xla-forward'] / res['native']:.2f} nested/native={res['nested'] / res['native']:.2f}",
+        f" xla/native={res[f'xla-{algorithm}'] / res['native']:.2f} nested/native={res['nested'] / res['native']:.2f}",
         flush=True,
     )
     return res
@@ -93,4 +94,7 @@ if __name__ == "__main__":
     run(net, 1024, 5)
     run(C(2, 32, 2, 1, 1, "softplus"), 4096, 5)
     run(C(8, 64, 3, 1, 1, "tanh"), 1024, 2)
+    run(C(8, 64, 3, 1, 1, "tanh"), 1024, 2, "fwdrev")
+    run(C(12, 64, 2, 1, 1, "tanh"), 512, 2, "fwdrev")
+    run(C(8, 64, 3, 1, 1, "tanh"), None, 50, "fwdrev")
     scan_step(net)

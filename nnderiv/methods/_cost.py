@@ -109,8 +109,9 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
 # The native kernel (``nnderiv._native``) runs forward and fwdrev as one op per call,
 # each rule in the same pass over a cache-resident tile as the matmul: forward measured
 # 1.2-1.4x faster than the XLA forward kernel on batches (benchmarks/native_ab.py), i.e.
-# about half its elementwise cost; fwdrev 4-6x faster than XLA's (which spends most of
-# its time in elementwise passes and gathers outside the matmuls).
+# about half its elementwise cost; fwdrev 1.5-1.6x faster than XLA's on batches (m = 8
+# and 12 with one output), where XLA's spends its extra time in elementwise passes and
+# gathers outside the matmuls.
 _NATIVE_ELEMENTWISE = 0.5
 
 
