@@ -22,8 +22,9 @@
 //
 // Custom call attributes: kinds (int64, one per stage: -1 affine, -2 affine with bias,
 // >= 0 activation code), slopes (float64 per stage, leaky_relu), order (1..3), full
-// (1: full symmetric tensors, 0: packed), algorithm (0: forward, 1: forward-over-reverse). Operands: x (..., B, m), then per affine stage
-// its weight (..., in, out) and bias (..., out) if it has one. Results: value (..., B, n),
+// (1: full symmetric tensors, 0: packed), algorithm (0: forward, 1: forward-over-reverse).
+// Operands: x (..., B, m), then per affine stage its weight (..., in, out) and bias
+// (..., out) if it has one. Results: value (..., B, n),
 // jacobian (..., B, n, m), hessian (..., B, n, m, m) or (..., B, n, P2), third
 // (..., B, n, m, m, m) or (..., B, n, P3), as many as order + 1. Leading dimensions
 // (from vmap with vmap_method="expand_dims") are slices: each operand has either 1 or
