@@ -429,3 +429,66 @@ def generic(fn: Callable[[jax.Array], jax.Array], name: str = "generic") -> Acti
         return fn(z), d1(z), d2(z), d3(z)
 
     return Activation(name, taylor, closed_form=False, any_order=lambda z, k: _ad_derivatives(fn, z, k))
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnActivation(Activation):
+    """Activations side by side: ``parts[i][0]`` on the ``i``-th block of ``parts[i][1]`` columns.
+
+    What ``concatenate([sin(z), cos(z)])`` (Fourier features) becomes once ``z`` is
+    repeated (the affine layer before it, its columns repeated): an elementwise map
+    whose function changes from block to block of units.
+    """
+
+    parts: tuple[tuple[Activation, int], ...] = ()
+
+
+def columns(parts) -> ColumnActivation:
+    """The :class:`ColumnActivation` of ``parts``, a sequence of ``(activation, width)``."""
+    parts = tuple((act, int(width)) for act, width in parts)
+    edges = np.cumsum([0] + [w for _, w in parts])
+
+    def blocks(z):
+        return [z[..., int(a) : int(b)] for a, b in zip(edges[:-1], edges[1:])]
+
+    def taylor(z):
+        per = [act.taylor(zi) for (act, _), zi in zip(parts, blocks(z))]
+        return tuple(jnp.concatenate([p[i] for p in per], axis=-1) for i in range(4))
+
+    def any_order(z, k):
+        per = [act.derivatives(zi, k) for (act, _), zi in zip(parts, blocks(z))]
+        return [jnp.concatenate([p[i] for p in per], axis=-1) for i in range(k + 1)]
+
+    name = "[" + " | ".join(f"{act.name} x{w}" for act, w in parts) + "]"
+    closed = all(act.closed_form for act, _ in parts)
+    return ColumnActivation(name, taylor, closed_form=closed, any_order=any_order, parts=parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearActivation(Activation):
+    """An elementwise affine map ``z -> a z + b`` (``a``, ``b`` per unit), as written in the model.
+
+    Input standardisation ``(x - mu) / sigma``, output de-scaling ``y * s + t``, DeepXDE's
+    ``2x - 1``: the function is kept as traced (its rounding is the model's), its slope is
+    one ``jvp``, and every higher derivative is exactly zero.
+    """
+
+    function: Callable[[jax.Array], jax.Array] | None = dataclasses.field(default=None, compare=False)
+
+    def slope(self, z):
+        """``a`` at ``z`` (the same everywhere, computed where asked)."""
+        return jax.jvp(self.function, (z,), (jnp.ones_like(z),))[1]
+
+
+def linear(fn: Callable[[jax.Array], jax.Array], name: str = "linear") -> LinearActivation:
+    """The :class:`LinearActivation` of an elementwise affine ``fn``."""
+
+    def taylor(z):
+        value, slope = jax.jvp(fn, (z,), (jnp.ones_like(z),))
+        zero = jnp.zeros_like(value)
+        return value, slope, zero, zero
+
+    def any_order(z, k):
+        return list(taylor(z)[:2])[: k + 1] + [jnp.zeros_like(z)] * max(k - 1, 0)
+
+    return LinearActivation(name, taylor, closed_form=True, any_order=any_order, function=fn)

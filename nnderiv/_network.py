@@ -15,10 +15,16 @@ which :func:`mlp_structure` reads off the jaxpr of one forward pass:
   vector, is an affine stage;
 * a maximal run of elementwise live equations between affine stages is an elementwise
   stage, identified as a known activation by its values (see ``_activations``) or
-  differentiated generically.
+  differentiated generically;
+* ``h + g`` with ``h`` the value after an earlier stage and ``g`` the current one is a
+  skip stage (a residual block);
+* ``concatenate`` of elementwise functions of one value (``[sin z, cos z]``, Fourier
+  features) is a concatenation stage; the kernels run it as the affine layer before it
+  with its columns repeated, then one activation per block of columns.
 
-Anything else on the live path (a reduction, a convolution, a skip connection) means the
-model is not an MLP; the reason is kept so that ``method="analytic"`` can name it.
+Anything else on the live path (a reduction, a convolution, a product of two layers)
+means the model is not an MLP; the reason is kept so that ``method="analytic"`` can name
+it (the Taylor engine, ``nnderiv._taylor``, takes such models).
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ _ELEMENTWISE = frozenset(
     select_n clamp""".split()
 )
 _RESHAPES = frozenset({"reshape", "squeeze", "expand_dims"})
+# Elementwise primitives affine in each live operand (mul and div: in one of them).
+_LINEAR_ELEMENTWISE = frozenset({"add", "sub", "neg", "convert_element_type", "copy"})
+
+
+def _float_to_float(eqn) -> bool:
+    return all(jnp.issubdtype(v.dtype, jnp.floating) for v in (*eqn.inputs, *eqn.outputs) if hasattr(v, "dtype"))
 
 
 class UnsupportedModelError(ValueError):
@@ -176,7 +188,24 @@ class ElementwiseStage:
     width: int
     activation: _activations.Activation | None  # None: generic, depends on parameters
 
+    @property
+    def linear(self) -> bool:
+        """Whether the segment is affine in its input, by its operations (an input scaling)."""
+        live = {self.source}
+        for eqn in self.eqns:
+            ins = [isinstance(i, _jaxpr.FlatVar) and i in live for i in eqn.inputs]
+            if eqn.name in ("mul", "div"):
+                ok = sum(ins) == 1 and (eqn.name == "mul" or ins[0])
+            else:
+                ok = eqn.name in _LINEAR_ELEMENTWISE and (eqn.name != "convert_element_type" or _float_to_float(eqn))
+            if not ok:
+                return False
+            live.update(eqn.outputs)
+        return bool(self.eqns)
+
     def describe(self) -> str:
+        if self.linear and (self.activation is None or not self.activation.closed_form):
+            return f"elementwise affine map ({len(self.eqns)} ops)"
         if self.activation is None:
             return f"elementwise ({len(self.eqns)} ops, parameter-dependent, generic derivatives)"
         kind = "closed form" if self.activation.closed_form else "generic derivatives"
@@ -197,18 +226,65 @@ class ElementwiseStage:
 
 
 @dataclasses.dataclass(frozen=True)
+class SkipStage:
+    """``h + v_source``: the value after the first ``source`` stages (0: the input) is added."""
+
+    source: int
+    width: int
+
+    def describe(self) -> str:
+        what = "the input" if self.source == 0 else f"the output of stage {self.source}"
+        return f"+ {what} (skip connection)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConcatStage:
+    """``concatenate([f_1(z), ..., f_k(z)])`` of elementwise functions of one ``z`` (width ``width``)."""
+
+    parts: tuple[ElementwiseStage, ...]
+    width: int
+
+    def describe(self) -> str:
+        names = ", ".join(p.describe() for p in self.parts)
+        return f"concatenate [{names}] ({self.width} -> {self.width * len(self.parts)})"
+
+
+@dataclasses.dataclass(frozen=True)
 class MLPStructure:
     program: _jaxpr.FlatProgram
     prologue: tuple[_jaxpr.FlatEqn, ...]  # parameter-only equations the stages need
-    stages: tuple[AffineStage | ElementwiseStage, ...]
+    stages: tuple[AffineStage | ElementwiseStage | SkipStage | ConcatStage, ...]
     output_dim: int
     dtype: Any
+
+    @property
+    def plain(self) -> bool:
+        """Only affine layers and elementwise activations (no skip or concatenation stage)."""
+        return all(isinstance(s, (AffineStage, ElementwiseStage)) for s in self.stages)
+
+    @property
+    def affine_shapes(self) -> list[tuple[int, int]]:
+        """(fan_in, fan_out) of each affine layer the kernels run (:func:`runtime_stages`)."""
+        shapes: list[tuple[int, int]] = []
+        for step, stage, extra in _lowering(self):
+            if step == "affine":
+                shapes.append((stage.fan_in, stage.fan_out * extra))
+            elif step == "repeat":
+                shapes.append((stage.width, stage.width * extra))
+        return shapes
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeAffine:
     weight: jax.Array  # (in, out)
     bias: jax.Array | None  # (out,)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSkip:
+    """Add the value after the first ``source`` runtime stages (0: the input)."""
+
+    source: int
 
 
 # Traced programs and their analyses, most recently used last. Bounded, and kept here
@@ -289,10 +365,18 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
     seg_source, seg_eqns, seg_vars = x_var, [], {x_var}
     affine_open = False
     finished = False
+    # The values a later stage may add back (skip connections): variable -> the number
+    # of stages that produced it.
+    boundary: dict[Any, int] = {x_var: 0}
 
     def close_segment(result):
         if seg_eqns:
             stages.append(ElementwiseStage(seg_source, result, tuple(seg_eqns), result.shape[0], None))
+            boundary[result] = len(stages)
+
+    def segment_result(var) -> bool:
+        """Whether ``var`` is what the open segment computes (its last value, or its source)."""
+        return var is (seg_eqns[-1].outputs[0] if seg_eqns else seg_source)
 
     def where(eqn) -> str:
         return f"`{eqn.name}`" + (f" in {eqn.where}" if eqn.where else "")
@@ -303,9 +387,40 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
             continue
         if finished and not (eqn.name in _RESHAPES and len(live_in) == 1 and live_in[0] is head):
             return f"operation {where(eqn)} follows the output reshape"
-        if any(i not in seg_vars for i in live_in):
-            return f"operation {where(eqn)} combines values from different layers (a skip connection?)"
         out = eqn.outputs[0]
+        if not finished and eqn.name == "add" and len(live_in) == 2:
+            a, b = eqn.inputs
+            current, earlier = (a, b) if a in seg_vars else (b, a)
+            if (
+                current in seg_vars
+                and earlier not in seg_vars
+                and earlier in boundary
+                and segment_result(current)
+                and len(out.shape) == 1
+                and _shape_of(current) == _shape_of(earlier) == out.shape
+            ):
+                close_segment(current)
+                stages.append(SkipStage(boundary[earlier], out.shape[0]))
+                head = out
+                seg_source, seg_eqns, seg_vars = out, [], {out}
+                boundary[out] = len(stages)
+                affine_open = False
+                continue
+        if not finished and eqn.name == "concatenate" and len(live_in) == len(eqn.inputs) >= 2:
+            parts = _concat_parts(eqn, seg_source, seg_eqns, seg_vars)
+            if isinstance(parts, str):
+                return f"operation {where(eqn)}: {parts}"
+            stages.append(ConcatStage(parts, seg_source.shape[0]))
+            head = out
+            seg_source, seg_eqns, seg_vars = out, [], {out}
+            boundary[out] = len(stages)
+            affine_open = False
+            continue
+        if any(i not in seg_vars for i in live_in):
+            return (
+                f"operation {where(eqn)} combines values from different layers "
+                "(only a sum with an earlier layer's output, a skip connection, is a layered form)"
+            )
         if eqn.name == "dot_general":
             affine = _as_affine(eqn, kind_of)
             if isinstance(affine, str):
@@ -315,6 +430,7 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
             stages.append(affine)
             head = out
             seg_source, seg_eqns, seg_vars = out, [], {out}
+            boundary[out] = len(stages)
             affine_open = True
         elif (
             affine_open
@@ -333,8 +449,10 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
             sign = -1.0 if eqn.name == "sub" else 1.0
             last = stages[-1]
             stages[-1] = dataclasses.replace(last, biases=last.biases + ((bias, sign),))
+            boundary.pop(head, None)  # the value without its bias is no stage's output
             head = out
             seg_source, seg_vars = out, {out}
+            boundary[out] = len(stages)
         elif (
             eqn.name in _ELEMENTWISE
             and all(o.shape == head.shape for o in eqn.outputs)
@@ -360,9 +478,42 @@ def _analyse(program: _jaxpr.FlatProgram) -> MLPStructure | str:
     if not stages:
         return "no layers found"
 
-    stages = [_identify(s, program, kind) if isinstance(s, ElementwiseStage) else s for s in stages]
+    stages = [_identified(s, program, kind) for s in stages]
     prologue = _prologue(program, stages, kind)
     return MLPStructure(program, prologue, tuple(stages), int(np.prod(result.shape)), result.dtype)
+
+
+def _identified(stage, program, kind):
+    if isinstance(stage, ElementwiseStage):
+        return _identify(stage, program, kind)
+    if isinstance(stage, ConcatStage):
+        return dataclasses.replace(stage, parts=tuple(_identify(p, program, kind) for p in stage.parts))
+    return stage
+
+
+def _concat_parts(eqn, source, seg_eqns, seg_vars) -> tuple[ElementwiseStage, ...] | str:
+    """The elementwise functions of the open segment's ``source`` that ``eqn`` concatenates."""
+    if eqn.params.get("dimension") != 0 or len(source.shape) != 1:
+        return "only a concatenation of vectors is a layered form"
+    if any(i not in seg_vars or _shape_of(i) != source.shape for i in eqn.inputs):
+        return (
+            "a concatenation is a layered form only of elementwise functions of one layer's output "
+            "(as [sin(z), cos(z)])"
+        )
+    producer = {o: e for e in seg_eqns for o in e.outputs}
+    parts, used = [], set()
+    for operand in eqn.inputs:
+        needed, members = {operand}, []
+        for e in reversed(seg_eqns):
+            if any(o in needed for o in e.outputs):
+                members.append(e)
+                needed.update(i for i in e.inputs if i in producer)
+        members.reverse()
+        used.update(id(e) for e in members)
+        parts.append(ElementwiseStage(source, operand, tuple(members), source.shape[0], None))
+    if len(used) != len(seg_eqns):
+        return "a value computed beside the concatenated ones is used elsewhere"
+    return tuple(parts)
 
 
 def _shape_of(op) -> tuple[int, ...]:
@@ -436,9 +587,10 @@ def _prologue(program, stages, kind) -> tuple[_jaxpr.FlatEqn, ...]:
         if isinstance(stage, AffineStage):
             needed.add(stage.weight)
             needed.update(b for b, _ in stage.biases)
-        elif stage.activation is None:
-            for eqn in stage.eqns:
-                needed.update(i for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral))
+        for part in _elementwise_parts(stage):
+            if part.activation is None or part.linear:
+                for eqn in part.eqns:
+                    needed.update(i for i in eqn.inputs if not isinstance(i, _jaxpr.FlatLiteral))
     needed = {n for n in needed if not isinstance(n, _jaxpr.FlatLiteral)}
     eqns = []
     for eqn in reversed(program.eqns):
@@ -463,21 +615,73 @@ def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
     def read(op):
         return jnp.asarray(op.value if isinstance(op, _jaxpr.FlatLiteral) else env[op], dtype)
 
+    def activation(part: ElementwiseStage):
+        if part.linear and (part.activation is None or not part.activation.closed_form):
+            return _activations.linear(part.function(env))
+        if part.activation is not None:
+            return part.activation
+        return _activations.generic(part.function(env), "parametrised")
+
     out = []
-    for stage in structure.stages:
-        if isinstance(stage, AffineStage):
+    for step, stage, extra in _lowering(structure):
+        if step == "affine":
             weight = read(stage.weight)
             weight = weight.T if stage.transpose else weight
             bias = None
             for operand, sign in stage.biases:
                 term = jnp.broadcast_to(read(operand) * sign, (stage.fan_out,))
                 bias = term if bias is None else bias + term
+            if extra > 1:  # repeated for the concatenation after it
+                weight = jnp.concatenate([weight] * extra, axis=1)
+                bias = None if bias is None else jnp.concatenate([bias] * extra)
             out.append(RuntimeAffine(weight, bias))
-        elif stage.activation is not None:
-            out.append(stage.activation)
+        elif step == "repeat":
+            out.append(RuntimeAffine(jnp.tile(jnp.eye(stage.width, dtype=dtype), (1, extra)), None))
+        elif step == "columns":
+            out.append(_activations.columns([(activation(p), stage.width) for p in stage.parts]))
+        elif step == "skip":
+            out.append(RuntimeSkip(extra))
         else:
-            out.append(_activations.generic(stage.function(env), "parametrised"))
+            out.append(activation(stage))
     return out
+
+
+def _elementwise_parts(stage) -> tuple[ElementwiseStage, ...]:
+    if isinstance(stage, ElementwiseStage):
+        return (stage,)
+    return stage.parts if isinstance(stage, ConcatStage) else ()
+
+
+def _lowering(structure: MLPStructure):
+    """The runtime stages of ``structure`` as ``(step, stage, extra)``, in order.
+
+    ``("affine", stage, copies)``: an affine layer, its columns repeated ``copies`` times
+    when a concatenation follows it; ``("repeat", concat, copies)``: the identity repeated
+    (a concatenation after anything else); ``("columns", concat, None)``: the
+    concatenation's activations side by side; ``("skip", stage, source)`` with ``source``
+    counted in runtime stages; ``("activation", stage, None)``.
+    """
+    stages = structure.stages
+    skipped_to = {s.source for s in stages if isinstance(s, SkipStage)}
+    steps: list = []
+    position = [0]  # runtime stages after each structure stage
+    for i, stage in enumerate(stages):
+        if isinstance(stage, AffineStage):
+            after = i + 1  # the structure count whose value this layer produces
+            nxt = stages[i + 1] if after < len(stages) else None
+            copies = len(nxt.parts) if isinstance(nxt, ConcatStage) and after not in skipped_to else 1
+            steps.append(["affine", stage, copies])
+        elif isinstance(stage, ConcatStage):
+            prev = steps[-1] if steps else None
+            if not (prev and prev[0] == "affine" and prev[2] == len(stage.parts)):
+                steps.append(["repeat", stage, len(stage.parts)])
+            steps.append(["columns", stage, None])
+        elif isinstance(stage, SkipStage):
+            steps.append(["skip", stage, position[stage.source]])
+        else:
+            steps.append(["activation", stage, None])
+        position.append(len(steps))
+    return [tuple(s) for s in steps]
 
 
 def output_dim(net: Network, m: int, dtype) -> int:

@@ -131,7 +131,7 @@ class NormMLP(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """Not an MLP: a skip connection."""
+    """A skip connection: a layered form the hand-written kernels take (``tests/test_layered.py``)."""
 
     @nn.compact
     def __call__(self, x):

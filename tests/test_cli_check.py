@@ -92,17 +92,17 @@ def test_checkpoint_architecture_from_metadata(capsys, saved):
 
 
 def test_not_an_mlp_runs_the_analytic_family_on_the_engine(capsys, tmp_path):
-    module = _models.ResidualMLP()
+    module = _models.NormMLP()
     variables = module.init(jax.random.PRNGKey(0), jnp.ones(3))
-    path = nnderiv.save_checkpoint(tmp_path / "res.msgpack", variables)
+    path = nnderiv.save_checkpoint(tmp_path / "norm.msgpack", variables)
     status, report, err = _check(
-        capsys, "--checkpoint", str(path), "--module", "tests._models:ResidualMLP", "--points", "4", "--order", "2"
+        capsys, "--checkpoint", str(path), "--module", "tests._models:NormMLP", "--points", "4", "--order", "2"
     )
     assert status == 0 and report["ok"], err
     assert not report["model"]["mlp"]
     assert report["domain"] == "standard normal"  # no metadata
     statuses = {row["method"]: row["status"] for row in report["methods"]}
-    # A residual block is not an MLP, but every primitive in it has a rule: the engine runs it.
+    # A LayerNorm is no layer of an MLP, but every primitive in it has a rule: the engine runs it.
     assert statuses == {"auto": "ok", "analytic": "ok", "forward": "ok", "fwdrev": "ok", "jet": "ok", "nested": "ok"}
     assert report["methods"][0]["resolved"] in ("forward", "fwdrev", "nested")
 

@@ -68,7 +68,7 @@ def test_model_zoo_against_nested(name, order):
             WORST[f"zoo order{k}"] = max(WORST.get(f"zoo order{k}", 0.0), err)
 
 
-def test_auto_on_fourier_features_runs_the_engine():
+def test_auto_on_fourier_features():
     """It used to crash (a literal has no .shape) while checking for an MLP."""
     net = _zoo.fourier()
     assert nnderiv.METHODS is not None

@@ -244,27 +244,104 @@ def _activation_code(act) -> tuple[int, float] | None:
     return None
 
 
-def _encode(stages):
-    """Stage kinds, slopes and the parameter operands, or None if a stage is not supported."""
-    from .. import _network
+@dataclasses.dataclass
+class _Encoded:
+    """The stages as the kernel's attributes (see mlp_taylor.cc) and its parameter operands."""
 
-    kinds, slopes, params = [], [], []
-    for stage in stages:
+    kinds: list[int]
+    slopes: list[float]
+    links: list[int]
+    parts: list[int]  # (stage, first unit, code) triples
+    part_slopes: list[float]
+    params: list
+    core: list  # the stages the kernel runs
+    lead: list  # elementwise affine maps before them (applied to x), and after them
+    trail: list
+
+    @property
+    def has_skip(self) -> bool:
+        return _SKIP in self.kinds
+
+    def attributes(self) -> dict:
+        parts, part_slopes = (self.parts, self.part_slopes) if self.parts else ([-1, 0, 0], [0.0])
+        return dict(
+            kinds=np.asarray(self.kinds, np.int64),
+            slopes=np.asarray(self.slopes, np.float64),
+            links=np.asarray(self.links, np.int64),
+            parts=np.asarray(parts, np.int64),
+            part_slopes=np.asarray(part_slopes, np.float64),
+        )
+
+
+_SKIP = -3
+
+
+def _peel(stages):
+    """``(lead, core, trail)``: the elementwise affine maps before the first and after the last
+    other stage (input standardisation, output de-scaling), and the stages between."""
+    from .. import _activations
+
+    def linear(s):
+        return isinstance(s, _activations.LinearActivation)
+
+    i, j = 0, len(stages)
+    while i < j and linear(stages[i]):
+        i += 1
+    while j > i and linear(stages[j - 1]):
+        j -= 1
+    return list(stages[:i]), list(stages[i:j]), list(stages[j:])
+
+
+def _encode(stages) -> _Encoded | None:
+    """The kernel's view of ``stages``, or None if a stage is not supported.
+
+    Not supported: an activation outside the closed-form table (elementwise affine maps
+    at either end are applied around the kernel), and a skip stage whose source comes
+    before the first activation (the kernel keeps the leading layers' values unstacked).
+    """
+    from .. import _activations, _network
+
+    lead, core, trail = _peel(stages)
+    if not core:
+        return None
+    shift = len(lead)  # skip sources count the stages from the model's input
+    e = _Encoded([], [], [], [], [], [], core, lead, trail)
+    first_act = None
+    for index, stage in enumerate(core):
+        link = 0
         if isinstance(stage, _network.RuntimeAffine):
             if getattr(stage.weight, "ndim", None) != 2:
                 return None
-            kinds.append(-1 if stage.bias is None else -2)
-            slopes.append(0.0)
-            params.append(stage.weight)
+            kind, slope = (-1 if stage.bias is None else -2), 0.0
+            e.params.append(stage.weight)
             if stage.bias is not None:
-                params.append(stage.bias)
+                e.params.append(stage.bias)
+        elif isinstance(stage, _network.RuntimeSkip):
+            source = stage.source - shift
+            if first_act is None or source <= first_act:
+                return None
+            kind, slope, link = _SKIP, 0.0, source
+        elif isinstance(stage, _activations.ColumnActivation):
+            start = 0
+            for act, width in stage.parts:
+                code = _activation_code(act)
+                if code is None:
+                    return None
+                e.parts += [index, start, code[0]]
+                e.part_slopes.append(code[1])
+                start += width
+            kind, slope = e.parts[-3 * len(stage.parts) + 2], e.part_slopes[-len(stage.parts)]
         else:
             code = _activation_code(stage)
             if code is None:
                 return None
-            kinds.append(code[0])
-            slopes.append(code[1])
-    return kinds, slopes, params
+            kind, slope = code
+        if kind >= 0 and first_act is None:
+            first_act = index
+        e.kinds.append(kind)
+        e.slopes.append(slope)
+        e.links.append(link)
+    return e
 
 
 def _xla_fields(stages, x, order: int, full: bool, algorithm: str = "forward"):
@@ -297,7 +374,44 @@ def _rebuild(stages, params):
     return out
 
 
-def applies(stages, x, order: int) -> bool:
+def _compose(maps):
+    def f(z):
+        for g in maps:
+            z = g(z)
+        return z
+
+    return f
+
+
+def _rescaled(fields, a_in, a_out, m: int, full: bool):
+    """The fields of ``g(a_in x + c)`` and of ``a_out f + d`` from those of ``f``, elementwise.
+
+    ``a_in`` (B, m) and ``a_out`` (B, n), or None: an order-``k`` partial along ``(j, ..)``
+    is multiplied by ``a_out[i] * a_in[j] * ...``.
+    """
+    from .. import _symmetric
+
+    out = [fields[0]]
+    for k, f in enumerate(fields[1:], start=1):
+        scale = None
+        if a_in is not None:
+            if k == 1:
+                scale = a_in[:, None, :]
+            elif full:
+                letters = "jkl"[:k]
+                spec = ",".join(f"b{c}" for c in letters) + "->b" + letters
+                scale = jnp.einsum(spec, *([a_in] * k))[:, None]
+            else:
+                idx = _symmetric.sorted_tuples(m, k)
+                scale = jnp.prod(a_in[:, idx], axis=-1)[:, None, :]
+        if a_out is not None:
+            o = a_out.reshape(a_out.shape + (1,) * (f.ndim - 2))
+            scale = o if scale is None else o * scale
+        out.append(f if scale is None else f * scale)
+    return out
+
+
+def applies(stages, x, order: int, algorithm: str = "forward") -> bool:
     """Whether :func:`native_derivatives` would run the native kernel (loads it if needed)."""
     if _OFF.get() or order not in (1, 2, 3) or getattr(x, "ndim", None) != 2:
         return False
@@ -306,8 +420,10 @@ def applies(stages, x, order: int) -> bool:
     if jax.default_backend() != "cpu":
         return False
     encoded = _encode(stages)
-    if encoded is None or any(jnp.dtype(p.dtype) != jnp.dtype(x.dtype) for p in encoded[2]):
+    if encoded is None or any(jnp.dtype(p.dtype) != jnp.dtype(x.dtype) for p in encoded.params):
         return False
+    if algorithm == "fwdrev" and encoded.has_skip:
+        return False  # the kernel's reverse sweep has no fan-out
     return load()
 
 
@@ -333,20 +449,23 @@ def native_derivatives(stages, x, order: int, layout: str = "packed", algorithm:
     """
     if algorithm not in ALGORITHM_CODES:
         raise ValueError(f"unknown algorithm {algorithm!r}; one of {tuple(ALGORITHM_CODES)}")
-    if layout not in ("packed", "full") or not applies(stages, x, order):
+    if layout not in ("packed", "full") or not applies(stages, x, order, algorithm):
         return None
-    kinds, slopes, params = _encode(stages)
+    encoded = _encode(stages)
+    params, core = encoded.params, encoded.core
+    lead, trail = _compose(encoded.lead), _compose(encoded.trail)
+    x_in = x
+    x = lead(x_in) if encoded.lead else x_in
     full = layout == "full"
     batch, m = x.shape
-    n = stages_outputs(stages, m)
+    n = stages_outputs(core, m)
     shapes = [(batch, n), (batch, n, m)]
     shapes.append((batch, n, m, m) if full else (batch, n, comb(m + 1, 2)))
     shapes.append((batch, n, m, m, m) if full else (batch, n, comb(m + 2, 3)))
     result_types = [jax.ShapeDtypeStruct(s, x.dtype) for s in shapes[: order + 1]]
     call = jax.ffi.ffi_call(TARGET, result_types, vmap_method="expand_dims")
     attrs = dict(
-        kinds=np.asarray(kinds, np.int64),
-        slopes=np.asarray(slopes, np.float64),
+        **encoded.attributes(),
         order=np.int64(order),
         full=np.int64(full),
         algorithm=np.int64(ALGORITHM_CODES[algorithm]),
@@ -360,11 +479,17 @@ def native_derivatives(stages, x, order: int, layout: str = "packed", algorithm:
     def fields_jvp(primals, tangents):
         out = fields(*primals)
         _, tangent_out = jax.jvp(
-            lambda x, *params: _xla_fields(_rebuild(stages, params), x, order, full, algorithm), primals, tangents
+            lambda x, *params: _xla_fields(_rebuild(core, params), x, order, full, algorithm), primals, tangents
         )
         return out, tangent_out
 
-    return fields(x, *params)
+    result = fields(x, *params)
+    if not (encoded.lead or encoded.trail):
+        return result
+    ones = jnp.ones_like
+    a_in = jax.jvp(lead, (x_in,), (ones(x_in),))[1] if encoded.lead else None
+    value, a_out = jax.jvp(trail, (result[0],), (ones(result[0]),)) if encoded.trail else (result[0], None)
+    return tuple(_rescaled([value, *result[1:]], a_in, a_out, m, full))
 
 
 # The layout the caller of a method will return. ``_api`` sets it around the method call,

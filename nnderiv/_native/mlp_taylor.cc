@@ -21,8 +21,13 @@
 // target; __builtin_cpu_supports picks one at run time.
 //
 // Custom call attributes: kinds (int64, one per stage: -1 affine, -2 affine with bias,
-// >= 0 activation code), slopes (float64 per stage, leaky_relu), order (1..3), full
-// (1: full symmetric tensors, 0: packed), algorithm (0: forward, 1: forward-over-reverse).
+// -3 skip, >= 0 activation code), slopes (float64 per stage, leaky_relu), links (int64
+// per stage: a skip stage adds the value after the first links[s] stages, which must
+// follow the first activation; ignored elsewhere), parts (int64 triples (stage, first
+// unit, code): an activation stage listed there applies one activation per block of
+// units, from each first unit to the next; empty or (-1, 0, 0) when none), part_slopes
+// (float64 per triple), order (1..3), full (1: full symmetric tensors, 0: packed),
+// algorithm (0: forward, 1: forward-over-reverse; no skip stages).
 // Operands: x (..., B, m), then per affine stage its weight (..., in, out) and bias
 // (..., out) if it has one. Results: value (..., B, n),
 // jacobian (..., B, n, m), hessian (..., B, n, m, m) or (..., B, n, P2), third
@@ -66,6 +71,10 @@ enum ActCode : int {
   kLeakyRelu = 11,
   kNumActs = 12,
 };
+
+// Stage kinds inside the kernel (activations are their codes, >= 0).
+constexpr int kAffineStage = -1;
+constexpr int kSkipStage = -3;
 
 template <class T>
 constexpr int kNR = 2 * (32 / (int)sizeof(T));  // micro-kernel columns: two 32-byte vectors
@@ -142,6 +151,14 @@ struct Affine {
   std::vector<T> Btbuf;
 };
 
+// One activation over the units [start, next part's start or the stage's width).
+template <class T>
+struct Part {
+  int start = 0;
+  int code = 0;
+  T slope = 0;
+};
+
 // A call's program. One per thread, reused from call to call (the vectors keep their
 // capacity: a steady-state call allocates nothing); prepare() refills it for each call,
 // since the weights (values and addresses) may change between calls.
@@ -149,8 +166,15 @@ template <class T>
 struct Program {
   const Tables* tbp = nullptr;
   int n = 0;
-  std::vector<int> kinds;  // per stage: -1 affine, >= 0 activation code
+  std::vector<int> kinds;  // per stage: kAffineStage, kSkipStage or an activation code
   std::vector<T> slopes;
+  std::vector<int> link;        // per stage: a skip stage's source (values after link[s] stages)
+  std::vector<int> save_slot;   // per count k of stages: where the stack after k stages is kept, or -1
+  std::vector<char> release;    // per stage: a skip stage that is its source's last use
+  int nslots = 0;               // stacks kept at once, at most (slots are reused)
+  std::vector<int> last_use, slot_free;  // run_call's bookkeeping, kept for their capacity
+  std::vector<int> part_begin;  // per stage: its parts are parts[part_begin[s] .. part_begin[s + 1])
+  std::vector<Part<T>> parts;
   std::vector<Affine<T>> affine;  // per stage (unused for activations)
   int first_act = 0;              // index of the first activation (== stages if none)
   int64_t maxld = 0;
@@ -176,7 +200,7 @@ struct Program {
     if (fwdrev)
       return (size_t)((2 + nacts + 2 * n) * tile * Kf * maxld + tile * n * Kf * mpad + 2 * tile * maxld +
                       4 * maxld);
-    return (size_t)(2 * tile * tbp->K * maxld + 2 * tile * maxld + (4 + tbp->P2) * maxld);
+    return (size_t)((2 + nslots) * tile * tbp->K * maxld + 2 * tile * maxld + (4 + tbp->P2) * maxld);
   }
 };
 
@@ -332,6 +356,9 @@ struct Call {
   bool fwdrev = false;  // the algorithm: forward-over-reverse, else forward
   std::vector<int64_t> kinds;
   std::vector<double> slopes;
+  std::vector<int64_t> links;
+  std::vector<int64_t> parts;  // triples (stage, first unit, code)
+  std::vector<double> part_slopes;
   std::vector<const T*> W, b;  // per affine stage; b null without a bias
   std::vector<int> ins, outs;
   std::vector<int64_t> wslices, bslices;
@@ -340,6 +367,9 @@ struct Call {
   void clear() {  // keeps the capacity
     kinds.clear();
     slopes.clear();
+    links.clear();
+    parts.clear();
+    part_slopes.clear();
     W.clear();
     b.clear();
     ins.clear();
@@ -365,7 +395,7 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
       P.gslot[s] = P.nacts++;
     }
   for (int s = P.first_act + 1; s < P.last_act; ++s) {
-    if (P.kinds[s] >= 0) continue;
+    if (P.kinds[s] != kAffineStage) continue;
     Affine<T>& a = P.affine[s];
     a.ldbt = round_up(a.in, kNR<T>);
     a.Btbuf.assign((size_t)a.out * a.ldbt, T(0));
@@ -409,8 +439,8 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
   P.first_act = nstages;
   P.width.resize(nstages);
   for (int s = 0; s < nstages; ++s) {
-    if (P.kinds[s] >= 0) {
-      if (P.first_act == nstages) P.first_act = s;
+    if (P.kinds[s] != kAffineStage) {
+      if (P.kinds[s] >= 0 && P.first_act == nstages) P.first_act = s;
       P.width[s] = s == 0 ? m : P.width[s - 1];
       continue;
     }
@@ -493,8 +523,9 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     prepare_fwdrev<T>(P, R, ld);
     return;
   }
-  // A tile's two stacks in about 96 KB (L2-resident; the weights of a 64-wide layer are 32 KB).
-  const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * 2;
+  // A tile's two stacks (and those kept for skip stages) in about 96 KB (L2-resident; the
+  // weights of a 64-wide layer are 32 KB).
+  const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * (2 + P.nslots);
   P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (96 * 1024) / per_point));
 }
 
@@ -520,11 +551,11 @@ static double flops_per_point(const Program<T>& P) {
   double f = 0;
   if (P.fwdrev) {
     for (int s = P.first_act + 1; s < P.last_act; ++s)
-      if (P.kinds[s] < 0) f += 2.0 * (1 + P.n) * P.Kf * P.affine[s].in * P.affine[s].out;
+      if (P.kinds[s] == kAffineStage) f += 2.0 * (1 + P.n) * P.Kf * P.affine[s].in * P.affine[s].out;
     return f + 2.0 * P.n * P.Kf * P.width[P.first_act] * P.tb().m + 1.0;
   }
   for (size_t s = 0; s < P.kinds.size(); ++s)
-    if (P.kinds[s] < 0 && (int)s > P.first_act) f += 2.0 * P.tb().K * P.affine[s].in * P.affine[s].out;
+    if (P.kinds[s] == kAffineStage && (int)s > P.first_act) f += 2.0 * P.tb().K * P.affine[s].in * P.affine[s].out;
   return f + 1.0;
 }
 
@@ -572,12 +603,49 @@ static void run_call(const Call<T>& c) {
   P.tbp = &tables_for(m, P.fwdrev ? order - 1 : order);
   P.Kf = P.fwdrev && order == 1 ? 1 : P.tbp->K;
   P.n = n;
-  P.kinds.resize(c.kinds.size());
-  P.slopes.resize(c.kinds.size());
-  for (size_t s = 0; s < c.kinds.size(); ++s) {
-    P.kinds[s] = c.kinds[s] < 0 ? -1 : (int)c.kinds[s];
-    P.slopes[s] = s < c.slopes.size() ? (T)c.slopes[s] : T(0);
+  const int nst = (int)c.kinds.size();
+  P.kinds.resize(nst);
+  P.slopes.resize(nst);
+  P.link.assign(nst, -1);
+  P.save_slot.assign(nst + 1, -1);
+  P.release.assign(nst, 0);
+  P.nslots = 0;
+  for (int s = 0; s < nst; ++s) {
+    P.kinds[s] = c.kinds[s] == kSkipStage ? kSkipStage : c.kinds[s] < 0 ? kAffineStage : (int)c.kinds[s];
+    P.slopes[s] = s < (int)c.slopes.size() ? (T)c.slopes[s] : T(0);
+    if (P.kinds[s] == kSkipStage) P.link[s] = (int)c.links[s];
   }
+  // Slots for the kept stacks, reused once a stack's last skip stage has read it (a chain
+  // of residual blocks keeps one at a time).
+  {
+    std::vector<int>& last = P.last_use;
+    last.assign(nst + 1, -1);
+    for (int s = 0; s < nst; ++s)
+      if (P.kinds[s] == kSkipStage) last[P.link[s]] = s;
+    std::vector<int>& slot_free = P.slot_free;
+    slot_free.clear();
+    for (int k = 0; k <= nst; ++k) {
+      if (k > 0 && P.kinds[k - 1] == kSkipStage && last[P.link[k - 1]] == k - 1) {
+        P.release[k - 1] = 1;  // stage k - 1 read its source for the last time
+        slot_free.push_back(P.save_slot[P.link[k - 1]]);
+      }
+      if (last[k] < 0) continue;
+      if (slot_free.empty()) slot_free.push_back(P.nslots++);
+      P.save_slot[k] = slot_free.back();
+      slot_free.pop_back();
+    }
+  }
+  // Every activation stage's parts: those listed (sorted by first unit), else one.
+  P.part_begin.assign(nst + 1, 0);
+  P.parts.clear();
+  for (int s = 0; s < nst; ++s) {
+    P.part_begin[s] = (int)P.parts.size();
+    if (P.kinds[s] < 0) continue;
+    for (size_t q = 0; q + 2 < c.parts.size(); q += 3)
+      if (c.parts[q] == s) P.parts.push_back({(int)c.parts[q + 1], (int)c.parts[q + 2], (T)c.part_slopes[q / 3]});
+    if ((int)P.parts.size() == P.part_begin[s]) P.parts.push_back({0, P.kinds[s], P.slopes[s]});
+  }
+  P.part_begin[nst] = (int)P.parts.size();
 
   const int64_t sizes[4] = {n, (int64_t)n * m, (int64_t)n * P2, (int64_t)n * P3};
   auto outputs_at = [&](int64_t point0) {
@@ -601,9 +669,44 @@ static void run_call(const Call<T>& c) {
   }
 }
 
+// Checks the stage attributes that only the program's shape constrains: skip sources
+// after the first activation (the kernel keeps stacks, not the leading values), parts
+// inside the stage, starting at its first unit, in order, with known codes.
+static const char* check_stages(ffi::Span<const int64_t> kinds, ffi::Span<const int64_t> links,
+                                ffi::Span<const int64_t> parts, ffi::Span<const double> part_slopes, bool fwdrev) {
+  const int64_t nst = (int64_t)kinds.size();
+  int64_t first_act = nst;
+  for (int64_t s = 0; s < nst; ++s)
+    if (kinds[s] >= 0) {
+      first_act = s;
+      break;
+    }
+  for (int64_t s = 0; s < nst; ++s) {
+    if (kinds[s] < -3) return "unknown stage kind";
+    if (kinds[s] >= kNumActs) return "unknown activation code";
+    if (kinds[s] != kSkipStage) continue;
+    if (fwdrev) return "forward-over-reverse takes no skip stage";
+    if ((int64_t)links.size() != nst) return "links must have one entry per stage";
+    if (links[s] <= first_act || links[s] > s) return "a skip stage must add a value after the first activation";
+  }
+  if (parts.size() % 3 != 0 || part_slopes.size() * 3 < parts.size()) return "parts must be (stage, unit, code) triples";
+  int64_t last_stage = -1, last_start = -1;
+  for (size_t q = 0; q < parts.size(); q += 3) {
+    const int64_t s = parts[q], start = parts[q + 1], code = parts[q + 2];
+    if (s == -1) continue;  // the placeholder of an empty list
+    if (s < 0 || s >= nst || kinds[s] < 0) return "a part names a stage that is no activation";
+    if (code < 0 || code >= kNumActs) return "unknown activation code in parts";
+    if (s != last_stage ? start != 0 : start <= last_start) return "a stage's parts must start at 0, in order";
+    last_stage = s;
+    last_start = start;
+  }
+  return nullptr;
+}
+
 template <class T>
 static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                          ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int order, bool full,
+                          ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, ffi::Span<const int64_t> links,
+                          ffi::Span<const int64_t> parts, ffi::Span<const double> part_slopes, int order, bool full,
                           bool fwdrev) {
   const auto xd = x.dimensions();
   if (xd.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
@@ -628,11 +731,9 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   if (m <= 0) return ffi::Error::InvalidArgument("x has no inputs");
   // Operands and their slice counts.
   size_t ai = 0;
+  if (const char* bad = check_stages(kinds, links, parts, part_slopes, fwdrev)) return ffi::Error::InvalidArgument(bad);
   for (size_t s = 0; s < kinds.size(); ++s) {
-    if (kinds[s] >= 0) {
-      if (kinds[s] >= kNumActs) return ffi::Error::InvalidArgument("unknown activation code");
-      continue;
-    }
+    if (kinds[s] >= 0 || kinds[s] == kSkipStage) continue;
     if (ai >= args.size()) return ffi::Error::InvalidArgument("missing weight operand");
     auto wb = args.get<ffi::AnyBuffer>(ai++);
     if (wb.has_error()) return wb.error();
@@ -668,20 +769,26 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   c.x = reinterpret_cast<const T*>(x.untyped_data());
   c.kinds.assign(kinds.begin(), kinds.end());
   c.slopes.assign(slopes.begin(), slopes.end());
+  c.links.assign(links.begin(), links.end());
+  c.parts.assign(parts.begin(), parts.end());
+  c.part_slopes.assign(part_slopes.begin(), part_slopes.end());
   run_call<T>(c);
   return ffi::Error::Success();
 }
 
 static ffi::Error MlpTaylorImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                                ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, int64_t order,
-                                int64_t full, int64_t algorithm) {
+                                ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes,
+                                ffi::Span<const int64_t> links, ffi::Span<const int64_t> parts,
+                                ffi::Span<const double> part_slopes, int64_t order, int64_t full, int64_t algorithm) {
   if (order < 1 || order > 3) return ffi::Error::InvalidArgument("order must be 1, 2 or 3");
   if (algorithm != 0 && algorithm != 1) return ffi::Error::InvalidArgument("algorithm must be 0 or 1");
   switch (x.element_type()) {
     case ffi::DataType::F64:
-      return compute<double>(x, args, rets, kinds, slopes, (int)order, full != 0, algorithm == 1);
+      return compute<double>(x, args, rets, kinds, slopes, links, parts, part_slopes, (int)order, full != 0,
+                             algorithm == 1);
     case ffi::DataType::F32:
-      return compute<float>(x, args, rets, kinds, slopes, (int)order, full != 0, algorithm == 1);
+      return compute<float>(x, args, rets, kinds, slopes, links, parts, part_slopes, (int)order, full != 0,
+                            algorithm == 1);
     default:
       return ffi::Error::InvalidArgument("x must be float32 or float64");
   }
@@ -696,6 +803,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnderivMlpTaylor, nnd::MlpTaylorImpl,
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("kinds")
                                   .Attr<ffi::Span<const double>>("slopes")
+                                  .Attr<ffi::Span<const int64_t>>("links")
+                                  .Attr<ffi::Span<const int64_t>>("parts")
+                                  .Attr<ffi::Span<const double>>("part_slopes")
                                   .Attr<int64_t>("order")
                                   .Attr<int64_t>("full")
                                   .Attr<int64_t>("algorithm"));

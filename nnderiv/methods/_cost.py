@@ -115,11 +115,11 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
 _NATIVE_ELEMENTWISE = 0.5
 
 
-def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native: bool = False) -> dict[str, Work]:
+def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=False) -> dict[str, Work]:
     """Per algorithm: its :class:`Work` for one point.
 
     ``layers`` lists the affine layers as (fan_in, fan_out), input layer first;
-    ``native``: forward and fwdrev run on the native kernel.
+    ``native``: which of forward and fwdrev run on the native kernel (True: both).
     """
     hidden = sum(o for _, o in layers[:-1])
     order = max(order, 1)
@@ -139,10 +139,9 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native: 
         flops = 2.0 * p / _MATMUL_EFFICIENCY[name]
         matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
-    if native:
-        for name in ANALYTIC:
-            f = out[name]
-            out[name] = Work(f.matmuls, f.elements * _NATIVE_ELEMENTWISE, 1.0)
+    for name in ANALYTIC if native is True else native or ():
+        f = out[name]
+        out[name] = Work(f.matmuls, f.elements * _NATIVE_ELEMENTWISE, 1.0)
     return out
 
 
@@ -159,7 +158,7 @@ def predicted_seconds(
     """Predicted seconds *per point* of each algorithm on a batch of ``batch`` points.
 
     ``rates``: the machine's (default: this machine's calibration, see ``_calibration``);
-    ``native``: forward and fwdrev run on the native kernel.
+    ``native``: which of forward and fwdrev run on the native kernel (True: both).
     """
     rates = rates or _calibration.current(dtype).rates
     batch = max(int(batch), 1)

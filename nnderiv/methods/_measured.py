@@ -79,12 +79,18 @@ def _bucket(batch: int) -> int:
 
 
 def _mlp_signature(structure) -> str:
+    from .. import _network
+
     parts = []
     for stage in structure.stages:
-        if hasattr(stage, "fan_in"):
+        if isinstance(stage, _network.AffineStage):
             parts.append(f"A{stage.fan_in}x{stage.fan_out}{'b' if stage.biases else ''}")
+        elif isinstance(stage, _network.SkipStage):
+            parts.append(f"K{stage.source}")
         else:
-            parts.append(f"S{stage.activation.name if stage.activation is not None else 'generic'}")
+            pieces = stage.parts if isinstance(stage, _network.ConcatStage) else (stage,)
+            names = "|".join(p.activation.name if p.activation is not None else "generic" for p in pieces)
+            parts.append(f"S{names}")
     return "mlp:" + ",".join(parts)
 
 

@@ -58,7 +58,7 @@ class Analysis:
     @property
     def layers(self) -> list[tuple[int, int]]:
         """The affine layers as (fan_in, fan_out), input layer first (MLPs only)."""
-        return [(s.fan_in, s.fan_out) for s in self.structure.stages if isinstance(s, _network.AffineStage)]
+        return self.structure.affine_shapes
 
     def stages(self, net):
         """The runtime stages (weights as arrays, activations as functions) of an MLP."""
@@ -118,12 +118,13 @@ def _engine_work(net, analysis: Analysis, order: int) -> dict[str, float] | None
     }
 
 
-def native_applies(net, analysis: Analysis, order: int, batch: int) -> bool:
-    """Whether the analytic algorithms (forward, fwdrev) of this MLP would run on the native kernel."""
+def native_applies(net, analysis: Analysis, order: int, batch: int) -> tuple[str, ...]:
+    """Which analytic algorithms (forward, fwdrev) of this MLP would run on the native kernel."""
     if analysis.structure is None or order > 3:
-        return False
+        return ()
     shape = _cost._ShapeOnly((batch, analysis.m), analysis.structure.dtype)  # noqa: SLF001
-    return _native.applies(analysis.stages(net), shape, order)
+    stages = analysis.stages(net)
+    return tuple(a for a in TAYLOR if _native.applies(stages, shape, order, a))
 
 
 def predictions(net, analysis: Analysis, order: int, batch: int) -> dict[str, float]:
@@ -177,13 +178,13 @@ def _measured_variant(net, analysis: Analysis, order: int, batch: int, variants,
     # itself, the XLA kernels expand it after) and whether the native kernel is allowed.
     layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
     names = {_choice_name(a, c): (a, c) for a, c in variants}
-    key = _measured.signature(net, analysis, order, batch, list(names), f"{layout},native={native}")
+    key = _measured.signature(net, analysis, order, batch, list(names), f"{layout},native={'+'.join(native) or 'none'}")
     known = _measured.lookup(key)
     if known in names:
         return names[known]
     if not (measure and _measured.enabled(net)) or len(timed) < 2:
         return None
-    runs = {_choice_name(a, c): _timed_run(net, analysis, order, a, layout, native, chunk=c) for a, c in timed}
+    runs = {_choice_name(a, c): _timed_run(net, analysis, order, a, layout, bool(native), chunk=c) for a, c in timed}
     return names.get(_measured.measure(key, runs, analysis, batch))
 
 

@@ -73,13 +73,35 @@ def _activate_stack(s, stack, m: int, order: int):
     return jnp.concatenate(parts, axis=1)
 
 
+def _as_stack(value, rows, m: int, order: int):
+    """The stack (B, K, w) of a value whose first derivatives are the constant ``rows``."""
+    batch, w = value.shape
+    rows = jnp.eye(m, dtype=value.dtype) if rows is None else rows
+    parts = [value[:, None, :], jnp.broadcast_to(rows[None], (batch, m, w))]
+    for k in range(2, order + 1):
+        parts.append(jnp.zeros((batch, _symmetric.num_unique(m, k), w), value.dtype))
+    return jnp.concatenate(parts[: order + 1], axis=1)
+
+
+def _add_states(a, b, m: int, order: int):
+    """The state (value, rows, stack) of the sum of two states (a skip connection)."""
+    (va, ra, sa), (vb, rb, sb) = a, b
+    if sa is None and sb is None:
+        eye = jnp.eye(m, dtype=va.dtype)
+        return va + vb, (eye if ra is None else ra) + (eye if rb is None else rb), None
+    sa = _as_stack(va, ra, m, order) if sa is None else sa
+    sb = _as_stack(vb, rb, m, order) if sb is None else sb
+    return None, None, sa + sb
+
+
 def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
     """Push the Taylor stack of ``x`` (B, m) through ``stages``.
 
     Returns ``(stack, slopes)``: the output stack (B, K, n) and, if ``keep_slopes``, for
     every elementwise stage the stack of ``g = s'(z)`` to the same order (what the
     forward-over-reverse kernel's reverse sweep multiplies by). ``g`` obeys the same
-    rule as ``a = s(z)``, with the derivatives of ``s`` shifted by one order.
+    rule as ``a = s(z)``, with the derivatives of ``s`` shifted by one order. A skip
+    stage adds the stack kept from an earlier stage.
     """
     batch, m = x.shape
     # The unstacked state: values (B, w) and first-derivative rows (m, w). ``rows=None``
@@ -89,8 +111,12 @@ def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
     value, rows = x, None
     stack = None
     slopes = []
-    for stage in stages:
-        if isinstance(stage, _network.RuntimeAffine):
+    kept = {s.source for s in stages if isinstance(s, _network.RuntimeSkip)}
+    saved = {0: (value, rows, stack)} if 0 in kept else {}
+    for index, stage in enumerate(stages):
+        if isinstance(stage, _network.RuntimeSkip):
+            value, rows, stack = _add_states((value, rows, stack), saved[stage.source], m, order)
+        elif isinstance(stage, _network.RuntimeAffine):
             if stack is None:
                 value = value @ stage.weight
                 rows = stage.weight if rows is None else rows @ stage.weight
@@ -116,13 +142,10 @@ def propagate(stages, x: jax.Array, order: int, keep_slopes: bool = False):
                 if keep_slopes:
                     slopes.append(_activate_stack(s[1 : order + 2], stack, m, order))
             stack = new
+        if index + 1 in kept:
+            saved[index + 1] = (value, rows, stack)
     if stack is None:  # an affine (linear) network
-        rows = jnp.eye(m, dtype=x.dtype) if rows is None else rows
-        n = value.shape[-1]
-        parts = [value[:, None, :], jnp.broadcast_to(rows[None], (batch, m, n))]
-        for k in range(2, order + 1):
-            parts.append(jnp.zeros((batch, _symmetric.num_unique(m, k), n), x.dtype))
-        stack = jnp.concatenate(parts[: order + 1], axis=1)
+        stack = _as_stack(value, rows, m, order)
     return stack, slopes
 
 

@@ -49,13 +49,41 @@ def _leibniz(g: jax.Array, a: jax.Array, m: int, order: int) -> jax.Array:
     return jnp.concatenate(p, axis=-2)
 
 
+def _add_adjoints(a, b, batch: int, order_rows: int):
+    """The sum of two adjoints, each ``(constant (n, w), None)`` or ``(None, stack (B, n, K, w))``."""
+    (ca, sa), (cb, sb) = a, b
+    if sa is None and sb is None:
+        return ca + cb, None
+
+    def stacked(c, st):
+        if st is not None:
+            return st
+        n, w = c.shape
+        return jnp.zeros((batch, n, order_rows, w), c.dtype).at[:, :, 0].set(c)
+
+    return None, stacked(ca, sa) + stacked(cb, sb)
+
+
 def reverse_sweep(stages, slopes, n: int, dtype, m: int, order: int):
-    """Adjoints of all ``n`` outputs at the input: (B, n, K, m), or (n, m) if constant."""
+    """Adjoints of all ``n`` outputs at the input: (B, n, K, m), or (n, m) if constant.
+
+    A skip stage passes its adjoint through and adds it, once the sweep gets there, to
+    the adjoint of the earlier value it added.
+    """
     constant = jnp.eye(n, dtype=dtype)  # the adjoint while it does not depend on x
     adjoint = None  # (B, n, K, w) once it does
     remaining = list(slopes)
-    for stage in reversed(stages):
-        if isinstance(stage, _network.RuntimeAffine):
+    batch, rows = slopes[0].shape[:2] if slopes else (1, 1)
+    pending: dict[int, tuple] = {}
+    for index in reversed(range(len(stages))):
+        stage = stages[index]
+        if index + 1 in pending:
+            constant, adjoint = _add_adjoints((constant, adjoint), pending.pop(index + 1), batch, rows)
+        if isinstance(stage, _network.RuntimeSkip):
+            here = (constant, adjoint)
+            earlier = pending.get(stage.source)
+            pending[stage.source] = here if earlier is None else _add_adjoints(earlier, here, batch, rows)
+        elif isinstance(stage, _network.RuntimeAffine):
             if adjoint is None:
                 constant = constant @ stage.weight.T
             else:
@@ -66,6 +94,8 @@ def reverse_sweep(stages, slopes, n: int, dtype, m: int, order: int):
                 adjoint = g * constant[None, :, None, :]
             else:
                 adjoint = _leibniz(g, adjoint, m, order)
+    if 0 in pending:
+        constant, adjoint = _add_adjoints((constant, adjoint), pending.pop(0), batch, rows)
     return constant if adjoint is None else adjoint
 
 
