@@ -335,6 +335,11 @@ def trace_program(net: Network, m: int, dtype, tag: str = "program", transform=N
     return _remember(key, trace)
 
 
+def analyse_program(program: _jaxpr.FlatProgram) -> MLPStructure | str:
+    """The layered form of a flat program ``(*params, x) -> y``, or why it has none."""
+    return _analyse(program)
+
+
 def mlp_structure(net: Network, m: int, dtype) -> MLPStructure | str:
     """The layered form of ``net`` for inputs of size ``m``, or why it has none."""
     program = trace_program(net, m, dtype)
@@ -600,13 +605,14 @@ def _prologue(program, stages, kind) -> tuple[_jaxpr.FlatEqn, ...]:
     return tuple(reversed(eqns))
 
 
-def runtime_stages(net: Network, structure: MLPStructure, dtype) -> list:
+def runtime_stages(net: Network, structure: MLPStructure, dtype, leaves=None) -> list:
     """Evaluate the prologue with the network's (possibly traced) parameters.
 
     Returns a list of :class:`RuntimeAffine` and :class:`~nnderiv._activations.Activation`,
-    with weights cast to the computation ``dtype``.
+    with weights cast to the computation ``dtype``. ``leaves``: the parameters as the
+    program's inputs (default: those of ``net``).
     """
-    leaves = jax.tree_util.tree_leaves(net.params)
+    leaves = jax.tree_util.tree_leaves(net.params) if leaves is None else leaves
     env = dict(zip(structure.program.inputs[:-1], leaves))
     for eqn in structure.prologue:
         values = [i.value if isinstance(i, _jaxpr.FlatLiteral) else env[i] for i in eqn.inputs]

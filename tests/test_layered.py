@@ -331,3 +331,43 @@ def test_gradients_through_elementwise_affine_maps():
     # ops around the custom call.
     fn, shapes, m, _ = LINEAR_MODELS["standardised"]
     _check_gradients(fn, _params(6, shapes), _models.points(m, (4,)))
+
+
+# The Taylor engine on models that are not layered forms: a layered part that only the
+# rest of the model reads (the MLP inside an output transform, one of two sub-networks)
+# runs as one native call, the interpreter does the rest.
+
+
+def _escaping_hidden_layer(p, x):
+    # The hidden layer is read outside the would-be prefix: the output's chain is not one;
+    # the first layer alone (one affine layer) is too short for the kernel.
+    h = jnp.tanh(x @ p[0][0] + p[0][1])
+    y = jnp.tanh(h @ p[1][0] + p[1][1]) @ p[2][0]
+    return y * jnp.sum(h[:1])
+
+
+@pytest.mark.parametrize(("name", "calls"), [("hard_constraint", 1), ("product", 1), ("escaping", 0)])
+def test_engine_runs_a_layered_prefix_natively(name, calls):
+    from nnderiv import _taylor
+
+    from . import _zoo
+
+    net = _zoo.ZOO[name]() if name in _zoo.ZOO else None
+    if net is None:
+        net = nnderiv.from_function(_escaping_hidden_layer, _params(7, [(2, 5), (5, 5), (5, 1)]), input_dim=2)
+    x = _models.points(2, (7,), scale=0.8)
+    want = nnderiv.derivatives(net, x, 3, method="nested")
+    engine = jax.jit(lambda x: tuple(_taylor.forward(net, x, 3)))
+    assert engine.lower(x).as_text().count(_native.TARGET) == calls
+    got = engine(x)
+    with _native.disabled():
+        plain = jax.jit(lambda x: tuple(_taylor.forward(net, x, 3)))
+        assert _native.TARGET not in plain.lower(x).as_text()
+        reference = plain(x)
+    got_d = nnderiv.Derivatives(*got, layout="packed", m=2).as_layout("full")
+    assert_derivatives_close(got_d, want, RTOL, name)
+    assert_derivatives_close(got, reference, RTOL, f"{name} vs the interpreter alone")
+    # The cost model sees the prefix's products.
+    work = _taylor.work(net, 2, jnp.float64, 3)
+    with _native.disabled():
+        assert work["forward"] == pytest.approx(_taylor.work(net, 2, jnp.float64, 3)["forward"], rel=0.5)

@@ -72,7 +72,7 @@ def _block(out, j: int, m: int, shape, dtype):
 
 
 def _forward_point(program, leaves, x, order: int, counter=None) -> list:
-    (y,) = run(program, leaves, x, order, counter)
+    (y,) = run(program, leaves, x, order, counter, layered=True)
     shape = tuple(program.outputs[0].shape) if isinstance(program.outputs[0], _jaxpr.FlatVar) else np.shape(y)
     m = x.shape[0]
     fields = [_block(y, 0, m, shape, x.dtype)]

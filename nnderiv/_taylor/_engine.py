@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _activations, _jaxpr, _network
-from . import _poly, _rules
+from . import _poly, _rules, _tables
 from ._poly import Poly
 
 UnsupportedModelError = _network.UnsupportedModelError
@@ -219,6 +219,105 @@ def _check_indices(eqn, ins) -> None:
         raise unsupported(eqn, "an index that depends on the input")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayeredPrefix:
+    """A variable the program computes from the input through a layered form alone.
+
+    ``result`` (1-D) depends on the input only through ``eqns`` (indices into the
+    program), which form an MLP (``structure``, see ``_network``) and whose
+    input-dependent values nothing else reads: the hand-written kernel computes its
+    Taylor polynomial in one call, and the interpreter skips those equations.
+    """
+
+    result: _jaxpr.FlatVar
+    eqns: frozenset[int]
+    structure: Any
+
+
+_PREFIXES: dict[int, tuple[_jaxpr.FlatProgram, LayeredPrefix | None]] = {}
+
+
+def layered_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
+    """The latest-defined variable with a :class:`LayeredPrefix` (cached per program), or None.
+
+    Candidates are the live values that meet another live value (``x0 (1 - x0) * mlp(x)``,
+    a sum of sub-networks) and the outputs; one with at least two affine layers and an
+    activation between them, since the kernel gains nothing on less.
+    """
+    cached = _PREFIXES.get(id(program))
+    if cached is not None and cached[0] is program:
+        return cached[1]
+    found = _find_prefix(program)
+    _PREFIXES[id(program)] = (program, found)
+    return found
+
+
+def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
+    kind = _kinds(program)
+    producer = {o: i for i, e in enumerate(program.eqns) for o in e.outputs}
+    users: dict[Any, set[int]] = {}
+    for i, e in enumerate(program.eqns):
+        for v in e.inputs:
+            if isinstance(v, _jaxpr.FlatVar):
+                users.setdefault(v, set()).add(i)
+    x = program.inputs[-1]
+    candidates = {o for o in program.outputs if isinstance(o, _jaxpr.FlatVar)}
+    for e in program.eqns:
+        live = [v for v in e.inputs if isinstance(v, _jaxpr.FlatVar) and kind[v] == "live"]
+        if len(live) >= 2:
+            candidates.update(v for v in live if v is not x)
+    outputs = set(candidates) & {o for o in program.outputs if isinstance(o, _jaxpr.FlatVar)}
+    for v in sorted((c for c in candidates if c in producer), key=producer.get, reverse=True):
+        if kind[v] != "live" or len(v.shape) != 1 or not jnp.issubdtype(v.dtype, jnp.floating):
+            continue
+        ancestors, stack = set(), [producer[v]]
+        while stack:
+            i = stack.pop()
+            if i in ancestors:
+                continue
+            ancestors.add(i)
+            stack.extend(producer[u] for u in program.eqns[i].inputs if u in producer)
+        live_eqns = {i for i in ancestors if kind[program.eqns[i].outputs[0]] == "live"}
+        # Their input-dependent values must not be read elsewhere (v itself is).
+        escapes = any(
+            (users.get(o, set()) - ancestors) or o in outputs
+            for i in live_eqns
+            for o in program.eqns[i].outputs
+            if o is not v
+        )
+        if escapes:
+            continue
+        sub = _jaxpr.FlatProgram(program.inputs, (v,), tuple(program.eqns[i] for i in sorted(ancestors)))
+        structure = _network.analyse_program(sub)
+        if isinstance(structure, str):
+            continue
+        affine = sum(isinstance(s, _network.AffineStage) for s in structure.stages)
+        if affine < 2 or structure.plain and len(structure.stages) < 3:
+            continue
+        return LayeredPrefix(v, frozenset(live_eqns), structure)
+    return None
+
+
+def _prefix_poly(prefix: LayeredPrefix, consts, x, order: int, counter: Counter) -> Poly | None:
+    """The Taylor polynomial of ``prefix.result`` at ``x`` from the native kernel, or None."""
+    from .. import _native
+
+    if not 1 <= order <= 3:
+        return None
+    stages = _network.runtime_stages(None, prefix.structure, x.dtype, leaves=consts)
+    fields = _native.native_derivatives(stages, x[None], order, "packed", "forward")
+    if fields is None:
+        return None
+    m = x.shape[0]
+    for fan_in, fan_out in prefix.structure.affine_shapes[1:]:
+        counter.flops += 2.0 * sum(_tables.block_size(m, j) for j in range(order + 1)) * fan_in * fan_out
+    blocks = [fields[0][0]]
+    for j in range(1, order + 1):
+        derivs = fields[j][0]  # (n, P_j) packed, in the engine's slot order
+        blocks.append(derivs.T / jnp.asarray(_tables.factorials(m, j), x.dtype)[:, None])
+    return Poly(blocks, m)
+
+
 def run(
     program: _jaxpr.FlatProgram,
     consts,
@@ -226,17 +325,27 @@ def run(
     order: int,
     counter: Counter | None = None,
     fast_path: bool = True,
+    layered: bool = False,
 ) -> list:
     """Evaluate ``program`` at one point ``x`` (m,) on Taylor polynomials of order ``order``.
 
     ``consts``: values of every input but the last (the parameters). Returns, per program
-    output, a :class:`Poly` (live) or a plain value.
+    output, a :class:`Poly` (live) or a plain value. ``layered``: a :func:`layered_prefix`
+    runs on the native kernel, where it applies.
     """
     counter = counter or Counter()
     m = x.shape[0]
     env: dict[Any, Any] = dict(zip(program.inputs[:-1], consts))
     env[program.inputs[-1]] = _poly.variable(x, order)
     segs, skipped = segments(program) if fast_path else ({}, frozenset())
+    prefix = layered_prefix(program) if layered else None
+    poly = None if prefix is None else _prefix_poly(prefix, consts, x, order, counter)
+    if poly is not None:
+        env[prefix.result] = poly
+        cut = {i: s for i, s in segs.items() if set(s.eqns) & prefix.eqns}
+        segs = {i: s for i, s in segs.items() if i not in cut}
+        # A segment the prefix cuts runs as its primitives (those outside the prefix).
+        skipped = (skipped - {e for s in cut.values() for e in s.eqns}) | prefix.eqns
 
     def read(op):
         return op.value if isinstance(op, _jaxpr.FlatLiteral) else env[op]
