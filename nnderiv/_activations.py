@@ -17,6 +17,7 @@ its derivatives are taken by nested ``jvp`` of the segment itself (:func:`generi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -380,6 +381,26 @@ PROBE_POINTS = np.array(
 )
 
 
+@contextlib.contextmanager
+def eager():
+    """Within the block, JAX computes on concrete values now, whatever transformation traces.
+
+    The analysis evaluates functions on probe points while it may run inside the caller's
+    ``jit`` or ``vmap``. ``jax.ensure_compile_time_eval`` alone does not escape a ``vmap``:
+    a ``custom_jvp`` function (``jax.nn.relu``) then returns a batched tracer. So the
+    current trace is set to JAX's eval trace as well, where this JAX has one.
+    """
+    with jax.ensure_compile_time_eval():
+        try:
+            from jax._src import core
+
+            context = core.set_current_trace(core.eval_trace)
+        except (ImportError, AttributeError, TypeError):  # another JAX: the public part only
+            context = contextlib.nullcontext()
+        with context:
+            yield
+
+
 def recognize(values: np.ndarray, dtype) -> Activation | None:
     """Identify the activation whose values at :data:`PROBE_POINTS` are ``values``."""
     values = np.asarray(values, dtype=np.float64)
@@ -394,7 +415,7 @@ def recognize(values: np.ndarray, dtype) -> Activation | None:
         return bool(np.all(np.abs(values - ref) <= tol * (1.0 + np.abs(ref))))
 
     # Evaluate eagerly even when called while tracing (arrays made inside the block).
-    with jax.ensure_compile_time_eval():
+    with eager():
         probes = jnp.asarray(PROBE_POINTS, dtype=dtype)
         for name, fn in _REFERENCE_VALUES.items():
             if close(fn(probes)):

@@ -557,7 +557,7 @@ def _identify(stage: ElementwiseStage, program, kind) -> ElementwiseStage:
     ]
     if any(kind[i] == _PARAM for i in external):
         return stage  # parameter-dependent: generic derivatives, built per call
-    with jax.ensure_compile_time_eval():
+    with _activations.eager():
         env = _evaluate_pure(program, kind, external)
         segment = stage.function(env)
         probes = jnp.asarray(_activations.PROBE_POINTS, dtype=stage.source.dtype)

@@ -359,6 +359,8 @@ def test_engine_runs_a_layered_prefix_natively(name, calls):
     want = nnderiv.derivatives(net, x, 3, method="nested")
     engine = jax.jit(lambda x: tuple(_taylor.forward(net, x, 3)))
     assert engine.lower(x).as_text().count(_native.TARGET) == calls
+    # What auto's timed choices run with: the native kernel allowed.
+    assert _plan.native_applies(net, _plan.analyse(net, 2, jnp.float64), 3, 7) == (("forward",) if calls else ())
     got = engine(x)
     with _native.disabled():
         plain = jax.jit(lambda x: tuple(_taylor.forward(net, x, 3)))
@@ -371,3 +373,32 @@ def test_engine_runs_a_layered_prefix_natively(name, calls):
     work = _taylor.work(net, 2, jnp.float64, 3)
     with _native.disabled():
         assert work["forward"] == pytest.approx(_taylor.work(net, 2, jnp.float64, 3)["forward"], rel=0.5)
+
+
+def test_under_the_callers_vmap():
+    # The analysis evaluates activations on probe points while the caller's vmap traces
+    # (jax.nn.relu, a custom_jvp, came back batched); the prefix's native call runs on
+    # the batch, whichever of points or parameters the caller maps over.
+    from . import _zoo
+
+    params = _zoo._mlp_params(jax.random.PRNGKey(0), [2, 6, 6, 1])
+    x = _models.points(2, (3, 4), scale=0.5)
+    for act in (jax.nn.relu, jnp.tanh):
+        for transform in (False, True):
+
+            def f(p, u, act=act, transform=transform):
+                y = _zoo._mlp(p, u, act)
+                return u[0] * (1 - u[0]) * y if transform else y
+
+            net = nnderiv.from_function(f, params, input_dim=2)
+            over_points = jax.vmap(lambda xs, net=net: nnderiv.derivatives(net, xs, 3, method="forward").third)(x)
+            want = nnderiv.derivatives(net, x, 3, method="nested").third
+            np.testing.assert_allclose(over_points, want, rtol=1e-12, atol=1e-13)
+            ensemble = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), params)
+            over_params = jax.vmap(
+                lambda p, f=f: nnderiv.derivatives(nnderiv.from_function(f, p, input_dim=2), x[0], 3, "forward").third
+            )(ensemble)
+            for i in range(2):
+                member = nnderiv.from_function(f, jax.tree_util.tree_map(lambda a: a[i], ensemble), input_dim=2)
+                want = nnderiv.derivatives(member, x[0], 3, method="nested").third
+                np.testing.assert_allclose(over_params[i], want, rtol=1e-12, atol=1e-13)

@@ -228,16 +228,16 @@ def _reset_for_tests() -> None:
 
 
 def _activation_code(act) -> tuple[int, float] | None:
+    from .. import _activations
+
     name = getattr(act, "name", None)
     if not getattr(act, "closed_form", False) or not isinstance(name, str):
         return None
     if name in ACTIVATION_CODES and name != "leaky_relu":
-        from .. import _activations
-
         return (ACTIVATION_CODES[name], 0.0) if _activations.ACTIVATIONS.get(name) is act else None
     if name.startswith("leaky_relu("):
         # The slope exactly: read it back from the function (the name rounds it to 6 digits).
-        with jax.ensure_compile_time_eval():
+        with _activations.eager():
             value = np.asarray(act.taylor(np.asarray([-1.0]))[0], dtype=np.float64)
         slope = -float(value[0])
         return (ACTIVATION_CODES["leaky_relu"], slope) if np.isfinite(slope) else None

@@ -27,7 +27,7 @@ import numpy as np
 from .. import _batching, _cpu, _jaxpr, _network
 from .._derivatives import Derivatives
 from . import _engine, _poly, _tables
-from ._engine import Counter, UnsupportedModelError, run, segments
+from ._engine import Counter, UnsupportedModelError, layered_prefix, run, segments
 from ._poly import Poly
 from ._rules import RULES
 
@@ -38,6 +38,7 @@ __all__ = [
     "forward",
     "fwdrev",
     "jacobian_program",
+    "layered_prefix",
     "work",
     "run",
     "segments",
@@ -71,8 +72,8 @@ def _block(out, j: int, m: int, shape, dtype):
     return jnp.zeros((size, *shape), dtype)
 
 
-def _forward_point(program, leaves, x, order: int, counter=None) -> list:
-    (y,) = run(program, leaves, x, order, counter, layered=True)
+def _forward_point(program, leaves, x, order: int, counter=None, layered=None) -> list:
+    (y,) = run(program, leaves, x, order, counter, layered=layered)
     shape = tuple(program.outputs[0].shape) if isinstance(program.outputs[0], _jaxpr.FlatVar) else np.shape(y)
     m = x.shape[0]
     fields = [_block(y, 0, m, shape, x.dtype)]
@@ -144,8 +145,16 @@ def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None =
     program = _network.trace_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
     segments(program)  # identified by value here, outside the batch vmap (cached)
+    prefix = layered_prefix(program)  # likewise
     chunk = chunk or chunk_size(program, m, order, x.dtype.itemsize, x.shape[0])
-    fields = _batched(lambda u: _forward_point(program, leaves, u, order), x, chunk)
+
+    def chunk_fields(xs):
+        pre = _engine.prefix_fields(prefix, leaves, xs, order)
+        if pre is None:
+            return jax.vmap(lambda u: _forward_point(program, leaves, u, order))(xs)
+        return jax.vmap(lambda u, f: _forward_point(program, leaves, u, order, layered=f))(xs, pre)
+
+    fields = _batching.over_chunks(chunk_fields, x, chunk)
     return Derivatives(*fields, layout="packed", m=m)
 
 
@@ -173,7 +182,13 @@ def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:
     fwd = Counter()
     program = _network.trace_program(net, m, dtype)
     segments(program)
-    jax.eval_shape(lambda ls, u: _forward_point(program, ls, u, order, fwd), specs, x)
+    prefix = layered_prefix(program)
+
+    def point(ls, u):
+        pre = _engine.prefix_fields(prefix, ls, u[None], order)
+        return _forward_point(program, ls, u, order, fwd, None if pre is None else [f[0] for f in pre])
+
+    jax.eval_shape(point, specs, x)
     out["forward"] = fwd.flops
     if order >= 1:
         rev = Counter()

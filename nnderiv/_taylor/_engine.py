@@ -172,7 +172,7 @@ def _identify(program, kind, eqns, source, result) -> _activations.Activation | 
     ]
     sub = _jaxpr.FlatProgram((source,), (result,), tuple(eqns))
     try:
-        with jax.ensure_compile_time_eval():
+        with _activations.eager():
             env = _network._evaluate_pure(program, kind, external)  # noqa: SLF001
             probes = jnp.asarray(_activations.PROBE_POINTS, dtype=source.dtype)
             values = jax.vmap(lambda p: _jaxpr.evaluate(sub, (jnp.full(source.shape, p, source.dtype),), dict(env))[0])(
@@ -298,23 +298,29 @@ def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
     return None
 
 
-def _prefix_poly(prefix: LayeredPrefix, consts, x, order: int, counter: Counter) -> Poly | None:
-    """The Taylor polynomial of ``prefix.result`` at ``x`` from the native kernel, or None."""
+def prefix_fields(prefix: LayeredPrefix | None, consts, x: jax.Array, order: int):
+    """The native kernel's packed fields of ``prefix.result`` at the points ``x`` (B, m), or None.
+
+    Called on a batch, outside the interpreter's ``vmap`` over points: the custom call
+    then sees one batch and shared weights, however the caller's own ``vmap`` batches
+    the points or the parameters.
+    """
     from .. import _native
 
-    if not 1 <= order <= 3:
+    if prefix is None or not 1 <= order <= 3:
         return None
     stages = _network.runtime_stages(None, prefix.structure, x.dtype, leaves=consts)
-    fields = _native.native_derivatives(stages, x[None], order, "packed", "forward")
-    if fields is None:
-        return None
-    m = x.shape[0]
+    return _native.native_derivatives(stages, x, order, "packed", "forward")
+
+
+def _prefix_poly(prefix: LayeredPrefix, fields, m: int, order: int, counter: Counter) -> Poly:
+    """The Taylor polynomial of ``prefix.result`` at one point from its packed fields."""
     for fan_in, fan_out in prefix.structure.affine_shapes[1:]:
         counter.flops += 2.0 * sum(_tables.block_size(m, j) for j in range(order + 1)) * fan_in * fan_out
-    blocks = [fields[0][0]]
-    for j in range(1, order + 1):
-        derivs = fields[j][0]  # (n, P_j) packed, in the engine's slot order
-        blocks.append(derivs.T / jnp.asarray(_tables.factorials(m, j), x.dtype)[:, None])
+    dtype = fields[0].dtype
+    blocks = [fields[0]]
+    for j in range(1, order + 1):  # (n, P_j) packed, in the engine's slot order
+        blocks.append(fields[j].T / jnp.asarray(_tables.factorials(m, j), dtype)[:, None])
     return Poly(blocks, m)
 
 
@@ -325,23 +331,23 @@ def run(
     order: int,
     counter: Counter | None = None,
     fast_path: bool = True,
-    layered: bool = False,
+    layered=None,
 ) -> list:
     """Evaluate ``program`` at one point ``x`` (m,) on Taylor polynomials of order ``order``.
 
     ``consts``: values of every input but the last (the parameters). Returns, per program
-    output, a :class:`Poly` (live) or a plain value. ``layered``: a :func:`layered_prefix`
-    runs on the native kernel, where it applies.
+    output, a :class:`Poly` (live) or a plain value. ``layered``: the
+    :func:`prefix_fields` of the program's :func:`layered_prefix` at this point, whose
+    equations are then skipped.
     """
     counter = counter or Counter()
     m = x.shape[0]
     env: dict[Any, Any] = dict(zip(program.inputs[:-1], consts))
     env[program.inputs[-1]] = _poly.variable(x, order)
     segs, skipped = segments(program) if fast_path else ({}, frozenset())
-    prefix = layered_prefix(program) if layered else None
-    poly = None if prefix is None else _prefix_poly(prefix, consts, x, order, counter)
-    if poly is not None:
-        env[prefix.result] = poly
+    prefix = layered_prefix(program) if layered is not None else None
+    if prefix is not None:
+        env[prefix.result] = _prefix_poly(prefix, layered, m, order, counter)
         cut = {i: s for i, s in segs.items() if set(s.eqns) & prefix.eqns}
         segs = {i: s for i, s in segs.items() if i not in cut}
         # A segment the prefix cuts runs as its primitives (those outside the prefix).

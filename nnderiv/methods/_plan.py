@@ -119,9 +119,22 @@ def _engine_work(net, analysis: Analysis, order: int) -> dict[str, float] | None
 
 
 def native_applies(net, analysis: Analysis, order: int, batch: int) -> tuple[str, ...]:
-    """Which analytic algorithms (forward, fwdrev) of this MLP would run on the native kernel."""
-    if analysis.structure is None or order > 3:
+    """Which analytic algorithms (forward, fwdrev) would run on the native kernel, or some of it.
+
+    A layered model runs on it whole; the engine's forward algorithm runs a model's
+    layered prefix on it (``_taylor.layered_prefix``).
+    """
+    if order > 3:
         return ()
+    if analysis.structure is None:
+        program = _network.trace_program(net, analysis.m, analysis.dtype)
+        prefix = _taylor.layered_prefix(program)
+        if prefix is None:
+            return ()
+        leaves = jax.tree_util.tree_leaves(net.params)
+        stages = _network.runtime_stages(net, prefix.structure, analysis.dtype, leaves=leaves)
+        shape = _cost._ShapeOnly((batch, analysis.m), analysis.dtype)  # noqa: SLF001
+        return ("forward",) if _native.applies(stages, shape, order) else ()
     shape = _cost._ShapeOnly((batch, analysis.m), analysis.structure.dtype)  # noqa: SLF001
     stages = analysis.stages(net)
     return tuple(a for a in TAYLOR if _native.applies(stages, shape, order, a))
