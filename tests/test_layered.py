@@ -320,11 +320,10 @@ def test_elementwise_affine_maps(name):
         for layout in ("full", "packed"):
             got = jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, method, layout))(x)
             assert_derivatives_close(got.as_layout("full"), want, RTOL, f"{name} {method} {layout}")
-            if native:
-                for order in (1, 2, 3):
-                    a = _native.native_derivatives(stages, x, order, layout, method)
-                    b = _native._xla_fields(stages, x, order, layout == "full", method)
-                    assert_derivatives_close(a, b, RTOL, f"{name} {method} {layout} order {order}")
+            if native:  # order 3 (the lower orders' tables: test_native_matches_xla)
+                a = _native.native_derivatives(stages, x, 3, layout, method)
+                b = _native._xla_fields(stages, x, 3, layout == "full", method)
+                assert_derivatives_close(a, b, RTOL, f"{name} {method} {layout}")
 
 
 def test_gradients_through_elementwise_affine_maps():
@@ -384,22 +383,22 @@ def test_under_the_callers_vmap():
 
     params = _zoo._mlp_params(jax.random.PRNGKey(0), [2, 6, 6, 1])
     x = _models.points(2, (3, 4), scale=0.5)
-    for act in (jax.nn.relu, jnp.tanh):
-        for transform in (False, True):
+    # relu: the custom_jvp the analysis met; the output transform: the engine's prefix.
+    for act, transform in ((jax.nn.relu, True), (jax.nn.relu, False), (jnp.tanh, True)):
 
-            def f(p, u, act=act, transform=transform):
-                y = _zoo._mlp(p, u, act)
-                return u[0] * (1 - u[0]) * y if transform else y
+        def f(p, u, act=act, transform=transform):
+            y = _zoo._mlp(p, u, act)
+            return u[0] * (1 - u[0]) * y if transform else y
 
-            net = nnderiv.from_function(f, params, input_dim=2)
-            over_points = jax.vmap(lambda xs, net=net: nnderiv.derivatives(net, xs, 3, method="forward").third)(x)
-            want = nnderiv.derivatives(net, x, 3, method="nested").third
-            np.testing.assert_allclose(over_points, want, rtol=1e-12, atol=1e-13)
-            ensemble = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), params)
-            over_params = jax.vmap(
-                lambda p, f=f: nnderiv.derivatives(nnderiv.from_function(f, p, input_dim=2), x[0], 3, "forward").third
-            )(ensemble)
-            for i in range(2):
-                member = nnderiv.from_function(f, jax.tree_util.tree_map(lambda a: a[i], ensemble), input_dim=2)
-                want = nnderiv.derivatives(member, x[0], 3, method="nested").third
-                np.testing.assert_allclose(over_params[i], want, rtol=1e-12, atol=1e-13)
+        net = nnderiv.from_function(f, params, input_dim=2)
+        over_points = jax.vmap(lambda xs, net=net: nnderiv.derivatives(net, xs, 3, method="forward").third)(x)
+        want = nnderiv.derivatives(net, x, 3, method="nested").third
+        np.testing.assert_allclose(over_points, want, rtol=1e-12, atol=1e-13)
+        ensemble = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), params)
+        over_params = jax.vmap(
+            lambda p, f=f: nnderiv.derivatives(nnderiv.from_function(f, p, input_dim=2), x[0], 3, "forward").third
+        )(ensemble)
+        for i in range(2):
+            member = nnderiv.from_function(f, jax.tree_util.tree_map(lambda a: a[i], ensemble), input_dim=2)
+            want = nnderiv.derivatives(member, x[0], 3, method="nested").third
+            np.testing.assert_allclose(over_params[i], want, rtol=1e-12, atol=1e-13)
