@@ -322,15 +322,15 @@ def _encode(stages) -> _Encoded | None:
                 return None
             kind, slope, link = _SKIP, 0.0, source
         elif isinstance(stage, _activations.ColumnActivation):
+            codes = [_activation_code(act) for act, _ in stage.parts]
+            if None in codes:
+                return None
             start = 0
-            for act, width in stage.parts:
-                code = _activation_code(act)
-                if code is None:
-                    return None
-                e.parts += [index, start, code[0]]
-                e.part_slopes.append(code[1])
+            for (code, part_slope), (_, width) in zip(codes, stage.parts):
+                e.parts += [index, start, code]
+                e.part_slopes.append(part_slope)
                 start += width
-            kind, slope = e.parts[-3 * len(stage.parts) + 2], e.part_slopes[-len(stage.parts)]
+            kind, slope = codes[0]  # the stage's own entry: its first part
         else:
             code = _activation_code(stage)
             if code is None:

@@ -261,12 +261,12 @@ def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
             if isinstance(v, _jaxpr.FlatVar):
                 users.setdefault(v, set()).add(i)
     x = program.inputs[-1]
-    candidates = {o for o in program.outputs if isinstance(o, _jaxpr.FlatVar)}
+    outputs = {o for o in program.outputs if isinstance(o, _jaxpr.FlatVar)}
+    candidates = set(outputs)
     for e in program.eqns:
         live = [v for v in e.inputs if isinstance(v, _jaxpr.FlatVar) and kind[v] == "live"]
         if len(live) >= 2:
             candidates.update(v for v in live if v is not x)
-    outputs = set(candidates) & {o for o in program.outputs if isinstance(o, _jaxpr.FlatVar)}
     for v in sorted((c for c in candidates if c in producer), key=producer.get, reverse=True):
         if kind[v] != "live" or len(v.shape) != 1 or not jnp.issubdtype(v.dtype, jnp.floating):
             continue
