@@ -154,6 +154,9 @@ def test_kernels_match_nested(name):
         with context:
             got = jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, method, "full"))(x)
         assert_derivatives_close(got, want, RTOL, f"{name} {method} native={use_native}")
+    # Order 0 is the fused path's plain evaluation (skips added back as in the model).
+    value = nnderiv.derivatives(net, x, 0, method="forward").value
+    np.testing.assert_allclose(value, want.value, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", sorted(NATIVE_FORWARD))

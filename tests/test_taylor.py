@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 import nnderiv
 from nnderiv import _native, _taylor
 from nnderiv._taylor import _tables
-from nnderiv.methods import forward_method, fwdrev_method
 
 from . import _models, _reference
 from .helpers import assert_derivatives_close, relative_error
@@ -109,17 +108,18 @@ def test_power_tables_are_repeated_cauchy_products():
     assert _poly.power_block(sparse, m, 2, 3) is None
 
 
-# --- the engine against the order-3 kernels, on the case tables of test_methods ---
+# --- the interpreter against the fused path, on the case tables of test_methods ---
 
 
-def _engine_and_kernels(net, x, order):
+def _interpreted_and_fused(net, x, order):
+    """The interpreter's forward and fwdrev, the fused XLA recursion and the native kernel's two."""
+
     @jax.jit
-    def run(u):  # one compilation for all four
-        # The interpreter itself: with the native kernel on, the engine would hand a whole
-        # MLP to it (its layered prefix) and compare the kernel with itself.
+    def run(u):  # one compilation for all five
+        interpreted = [tuple(f(net, u, order, fused=False)) for f in (_taylor.forward, _taylor.fwdrev)]
         with _native.disabled():
-            engine = [tuple(f(net, u, order)) for f in (_taylor.forward, _taylor.fwdrev)]
-        return engine + [tuple(f(net, u, order)) for f in (forward_method, fwdrev_method)]
+            fused = [tuple(_taylor.forward(net, u, order))]
+        return interpreted + fused + [tuple(f(net, u, order)) for f in (_taylor.forward, _taylor.fwdrev)]
 
     return run(x)
 
@@ -127,19 +127,20 @@ def _engine_and_kernels(net, x, order):
 # A subset of test_methods' activation table (closed forms, piecewise, generic), to keep
 # CI time in check; every activation passes.
 @pytest.mark.parametrize("activation", ["tanh", "softplus", "silu", "gelu_erf", "relu", "elu"])
-def test_engine_matches_the_kernels(activation):
+def test_interpreter_matches_the_fused_path(activation):
     case = _models.linen_mlp(3, [8, 8], 2, activation, seed=1)
-    eng_f, eng_r, old_f, old_r = _engine_and_kernels(case.net(), _models.points(3, (4,)), 3)
-    for label, got in (("engine forward", eng_f), ("engine fwdrev", eng_r), ("kernel fwdrev", old_r)):
-        assert_derivatives_close(got, old_f, 1e-10, f"{activation} {label} vs kernel forward")
+    eng_f, eng_r, fused, nat_f, nat_r = _interpreted_and_fused(case.net(), _models.points(3, (4,)), 3)
+    labels = ("interpreted forward", "interpreted fwdrev", "native forward", "native fwdrev")
+    for label, got in zip(labels, (eng_f, eng_r, nat_f, nat_r)):
+        assert_derivatives_close(got, fused, 1e-10, f"{activation} {label} vs the fused XLA recursion")
 
 
 @pytest.mark.parametrize("m,depth,n", [(1, 0, 1), (5, 1, 3)])
-def test_engine_matches_the_kernels_on_shapes(m, depth, n):
+def test_interpreter_matches_the_fused_path_on_shapes(m, depth, n):
     case = _models.linen_mlp(m, [6] * depth, n, ["tanh", "silu", "gelu_erf", "softplus"][:depth], seed=m + depth)
-    eng_f, eng_r, old_f, _ = _engine_and_kernels(case.net(), _models.points(m, (3,)), 3)
-    assert_derivatives_close(eng_f, old_f, 1e-10, "engine forward")
-    assert_derivatives_close(eng_r, old_f, 1e-10, "engine fwdrev")
+    eng_f, eng_r, fused, *_ = _interpreted_and_fused(case.net(), _models.points(m, (3,)), 3)
+    assert_derivatives_close(eng_f, fused, 1e-10, "interpreted forward")
+    assert_derivatives_close(eng_r, fused, 1e-10, "interpreted fwdrev")
 
 
 def test_activation_segments_are_recognised():

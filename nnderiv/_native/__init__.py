@@ -1,6 +1,6 @@
 """A native CPU kernel for the packed forward Taylor recursion, as one ``jax.ffi`` custom call.
 
-The XLA forward kernel (:mod:`nnderiv.methods.forward`) compiles to about 17 ops for one
+The XLA forward kernel (:mod:`nnderiv._taylor._layered`) compiles to about 17 ops for one
 point; each op and each tiny matmul costs microseconds, which dominates single-point
 calls and ``lax.scan`` steps, and narrow nets are bound by XLA's elementwise passes. This
 package compiles ``mlp_taylor.cc`` (C++17, an XLA FFI handler) at first use with the
@@ -345,10 +345,10 @@ def _encode(stages) -> _Encoded | None:
 
 
 def _xla_fields(stages, x, order: int, full: bool, algorithm: str = "forward"):
-    """The same fields from the XLA kernel of ``algorithm`` (the custom call's JVP, and the reference)."""
+    """The same fields from the XLA recursion of ``algorithm`` (the custom call's JVP, and the reference)."""
     from .._derivatives import expand_fields
-    from ..methods.forward import forward_stack, unpack
-    from ..methods.fwdrev import fwdrev_kernel
+    from .._taylor._layered import forward_stack, unpack
+    from .._taylor._layered_fwdrev import fwdrev_kernel
 
     if algorithm == "fwdrev":
         result = fwdrev_kernel(stages, x, stages_outputs(stages, x.shape[-1]), order)

@@ -13,7 +13,11 @@ on top:
   sorted tuple) is ``alpha!`` times the ``alpha`` coefficient of ``J[i, p]``. Reading only
   sorted tuples makes the expanded result exactly symmetric.
 
-Both return packed results (orders >= 2 hold their unique entries).
+Both return packed results (orders >= 2 hold their unique entries), or full ones where
+the native kernel wrote them. A model that is a layered form throughout (an MLP, with
+skips, concatenations and affine maps: ``_network``) takes the fused path (``_layered``:
+one matmul and one elementwise rule per layer, on the native kernel where it applies) at
+orders up to 3; elsewhere the fused path runs the model's :func:`layered_prefix`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 
 from .. import _batching, _cpu, _jaxpr, _network
 from .._derivatives import Derivatives
-from . import _engine, _poly, _tables
+from . import _engine, _layered, _poly, _tables
 from ._engine import Counter, UnsupportedModelError, layered_prefix, run, segments
 from ._poly import Poly
 from ._rules import RULES
@@ -139,9 +143,25 @@ def _batched(point_fn, x: jax.Array, chunk: int) -> list:
     return _batching.over_chunks(jax.vmap(point_fn), x, chunk)
 
 
-def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:
-    """The engine's forward algorithm on a batch ``x`` (B, m): packed derivatives to ``order``."""
+def _layered_form(net: _network.Network, m: int, dtype, order: int):
+    """The model's layered form, where the fused path takes it (orders 0-3), else None."""
+    if order > 3:
+        return None
+    structure = _network.mlp_structure(net, m, dtype)
+    return None if isinstance(structure, str) else structure
+
+
+def forward(
+    net: _network.Network, x: jax.Array, order: int, chunk: int | None = None, fused: bool = True
+) -> Derivatives:
+    """The engine's forward algorithm on a batch ``x`` (B, m): packed derivatives to ``order``.
+
+    ``fused=False`` interprets a layered model equation by equation too (for comparisons).
+    """
     m = x.shape[-1]
+    structure = _layered_form(net, m, x.dtype, order) if fused else None
+    if structure is not None:
+        return _layered.derivatives(net, structure, x, order, "forward", chunk)
     program = _network.trace_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
     segments(program)  # identified by value here, outside the batch vmap (cached)
@@ -158,11 +178,23 @@ def forward(net: _network.Network, x: jax.Array, order: int, chunk: int | None =
     return Derivatives(*fields, layout="packed", m=m)
 
 
-def fwdrev(net: _network.Network, x: jax.Array, order: int, chunk: int | None = None) -> Derivatives:
-    """The engine's forward-over-reverse algorithm on a batch ``x`` (B, m)."""
+def fwdrev(
+    net: _network.Network, x: jax.Array, order: int, chunk: int | None = None, fused: bool = True
+) -> Derivatives:
+    """The engine's forward-over-reverse algorithm on a batch ``x`` (B, m).
+
+    A layered model runs the native kernel's forward-over-reverse where it applies (unless
+    ``fused=False``); else the interpreter runs the program of ``jax.jacrev(f)`` at order
+    ``order - 1``.
+    """
     if order == 0:
-        return forward(net, x, 0)
+        return forward(net, x, 0, fused=fused)
     m = x.shape[-1]
+    structure = _layered_form(net, m, x.dtype, order) if fused else None
+    if structure is not None:
+        fused = _layered.derivatives(net, structure, x, order, "fwdrev")
+        if fused is not None:
+            return fused
     program = jacobian_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
     segments(program)

@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Sequence
 from math import comb
 
+from .._taylor import _layered
 from . import _calibration
 
 ALGORITHMS = ("forward", "fwdrev", "nested")
@@ -60,15 +61,6 @@ _MATMUL_EFFICIENCY = {"forward": 1.0, "fwdrev": 1.0, "nested": 1.0}
 _OPS_PER_LAYER = {"forward": 4.0, "fwdrev": 8.0, "nested": 6.0}
 
 
-# A chunk's coefficient stack (chunk x K x width) is sized to a few MB: small enough to
-# stay in the last-level cache across a layer's matmul and elementwise pass, large enough
-# for XLA to split each op over the CPU's threads. Measured on the 2-core CI machine
-# (benchmarks/): 16-point chunks ran single-threaded and unchunked batches of 1024+
-# spilled the cache; both were up to 2x slower than this.
-_CHUNK_BYTES = 4 << 20
-_MIN_CHUNK, _MAX_CHUNK = 16, 512
-
-
 @dataclasses.dataclass(frozen=True)
 class Work:
     """What one algorithm does for one point.
@@ -97,10 +89,8 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
     order = max(order, 1)
     if algorithm == "jet":
         return (order + 1) * comb(m + order - 1, order)
-    if algorithm == "forward":
-        return comb(m + order, order)
-    if algorithm == "fwdrev":
-        return (1 + n) * comb(m + order - 1, order - 1)
+    if algorithm in ANALYTIC:
+        return _layered.columns(algorithm, m, n, order)
     if algorithm == "nested":
         return (1 + n) * (1 + m) ** (order - 1)
     raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
@@ -190,18 +180,3 @@ class _ShapeOnly:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-
-def chunk_size(kernel: str, layers, batch: int, m: int, n: int, order: int, dtype) -> int:
-    """Points per chunk for an XLA kernel of ``kernel`` on ``batch`` points (``batch``: no chunking)."""
-    k = columns(kernel, m, n, order)
-    widest = max([1] + [max(shape) for shape in layers])
-    itemsize = 8 if "64" in str(dtype) else 4
-    per_point = k * widest * itemsize
-    if batch * per_point <= 2 * _CHUNK_BYTES:
-        # The whole batch fits: a loop would only add per-iteration overhead (measured 5x
-        # slower than nested AD on a 1x16 tanh net at batch 8192 when chunked by 512).
-        return batch
-    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, _CHUNK_BYTES // per_point))
-    chunk = 1 << (chunk.bit_length() - 1)  # a power of two
-    return chunk if batch > 2 * chunk else batch

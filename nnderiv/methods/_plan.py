@@ -24,11 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .. import _batching, _native, _network, _taylor
+from .. import _native, _network, _taylor
 from .._derivatives import Derivatives
 from . import _cost, _measured
-from .forward import forward_stack, unpack
-from .fwdrev import fwdrev_kernel
 from .jet import jet_method
 from .nested import nested
 
@@ -217,8 +215,12 @@ def _timed_run(net, analysis: Analysis, order: int, algorithm: str, layout: str,
     return jax.jit(run)
 
 
-def runs_engine(analysis: Analysis, algorithm: str, order: int) -> bool:
-    """Whether ``algorithm`` runs on the Taylor engine (not a hand-written MLP kernel or AD)."""
+def runs_interpreter(analysis: Analysis, algorithm: str, order: int) -> bool:
+    """Whether ``algorithm`` runs on the engine's interpreter (chunked), not its fused path or AD.
+
+    A layered model takes the fused path (``_taylor._layered``: one call of the native
+    kernel, or the XLA recursions in their own cache-sized chunks) at orders up to 3.
+    """
     return algorithm in TAYLOR and (analysis.structure is None or order > 3)
 
 
@@ -230,7 +232,7 @@ def chunk_candidates(net, analysis: Analysis, order: int, batch: int, algorithm:
     depends on the machine and its load: measured 1.2-1.5x either way on a 2-core EPYC
     VM. So the rule's chunk, 2x and 4x it are the candidates.
     """
-    if not runs_engine(analysis, algorithm, order):
+    if not runs_interpreter(analysis, algorithm, order):
         return [None]
     try:
         rule = _taylor.default_chunk(net, algorithm, analysis.m, analysis.dtype, order, batch)
@@ -265,35 +267,6 @@ def in_layout(result, layout: str, m: int) -> Derivatives:
 # The compute.
 
 
-def _value_only(stages, x):
-    value = x
-    for stage in stages:
-        if isinstance(stage, _network.RuntimeAffine):
-            value = value @ stage.weight + (0 if stage.bias is None else stage.bias)
-        else:
-            value = stage(value)
-    return Derivatives(value)
-
-
-def _mlp_kernel(plan: Plan, net, x: jax.Array) -> Derivatives:
-    """The hand-written kernels of an MLP up to order 3 (the native ones, where they apply)."""
-    analysis, order = plan.analysis, plan.order
-    stages = analysis.stages(net)
-    x = x.astype(analysis.structure.dtype)
-    if order == 0:
-        return _value_only(stages, x)
-    native = _native.native_derivatives(stages, x, order, _native.requested_layout(), plan.algorithm)
-    if native is not None:
-        return Derivatives(*native)
-    n, m = analysis.n, analysis.m
-    chunk = _cost.chunk_size(plan.algorithm, analysis.layers, x.shape[0], m, n, order, x.dtype)
-    if plan.algorithm == "forward":
-        kernel = lambda xs: unpack(forward_stack(stages, xs, order), m, order)  # noqa: E731
-    else:
-        kernel = lambda xs: fwdrev_kernel(stages, xs, n, order)  # noqa: E731
-    return _batching.over_chunks(kernel, x, chunk)
-
-
 def _engine(plan: Plan, net, x: jax.Array) -> Derivatives:
     algorithms = {"forward": _taylor.forward, "fwdrev": _taylor.fwdrev}
     try:
@@ -312,8 +285,6 @@ def _compute(plan: Plan, net, x: jax.Array) -> Derivatives:
         return jet_method(net, x, plan.order)
     if plan.algorithm == "nested":
         return nested(net, x, plan.order)
-    if plan.analysis.structure is not None and plan.order <= 3:
-        return _mlp_kernel(plan, net, x)
     return _engine(plan, net, x)
 
 

@@ -1,6 +1,6 @@
-"""The analytic forward-over-reverse kernel: cheaper than the forward one for few outputs.
+"""The fused path's forward-over-reverse for a layered model: cheaper than forward for few outputs.
 
-The forward kernel carries every unique third derivative, C(m+3,3) coefficients per
+The forward recursion (``_layered``) carries every unique third derivative, C(m+3,3) coefficients per
 unit. Here the forward pass stops at second order (C(m+2,2) coefficients) and keeps, for
 every activation ``a = s(z)``, the Taylor stack of its slope ``g = s'(z)``:
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from .. import _network, _symmetric
 from .._derivatives import Derivatives
-from .forward import propagate
+from ._layered import propagate
 
 
 def _leibniz(g: jax.Array, a: jax.Array, m: int, order: int) -> jax.Array:
