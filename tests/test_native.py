@@ -308,6 +308,22 @@ def test_jit_vmap_scan(method):
     with _native.disabled():
         want = jax.jit(one)(jax.tree_util.tree_map(lambda a: a[2], ensemble), x - 1)
     assert_derivatives_close([f[2] for f in got], want, RTOL["float64"], "ensemble and points")
+    # Nested vmaps batch x and the parameters along different dims (the custom call sees
+    # x as (1, P, 1, m) against results (E, P, 1, n)): each operand is sliced per dim.
+    thirds = {}
+    for label, fn in (
+        ("ensemble of point vmaps", jax.vmap(lambda v: jax.vmap(lambda u: one(v, u).third)(x))),
+        (
+            "point vmap of ensembles",
+            lambda v: jnp.swapaxes(jax.vmap(lambda u: jax.vmap(lambda w: one(w, u).third)(v))(x), 0, 1),
+        ),
+    ):
+        thirds[label] = jax.jit(fn)(ensemble)
+        for i in range(3):
+            member = jax.tree_util.tree_map(lambda a: a[i], ensemble)
+            with _native.disabled():
+                want = jax.jit(one)(member, x).third
+            np.testing.assert_allclose(thirds[label][i], want, rtol=1e-12, atol=1e-14, err_msg=f"{label}, member {i}")
 
 
 # --------------------------------------------------------------------------------------

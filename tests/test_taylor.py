@@ -318,7 +318,8 @@ def test_engine_on_bench_models_against_nested(bench_models, kind, batch):
     x = 0.4 * jax.random.normal(jax.random.PRNGKey(1), (*batch, 3), jnp.float64)
     if kind == "hard-constraint":
         x = jnp.abs(x) / (1 + jnp.abs(x))
-    for order in (1, 2, 3, 4):
+    # One point runs the batch's code after a reshape: order 3 there, every order on the batch.
+    for order in (1, 2, 3, 4) if batch else (3,):
         expected = nnderiv.derivs_fn(net, order=order, method="nested", layout="packed")(x)
         for method in ("forward", "fwdrev"):
             got = nnderiv.derivs_fn(net, order=order, method=method, layout="packed")(x)

@@ -349,8 +349,14 @@ struct Call {
   const T* x = nullptr;
   int64_t Bp = 0;  // points per slice
   int m = 0;
-  int64_t xs = 0;  // slices of x (1 or S)
-  int64_t S = 0;   // slices of the results
+  int64_t S = 0;  // slices of the results: the product of their leading (vmap) dims
+  // The results' leading dims, and per operand and leading dim the stride of its slice
+  // index (0 where the operand has size 1 there and is shared along that dim). Nested
+  // vmaps batch x and the parameters along different dims: an ensemble of models each
+  // at a batch of points.
+  std::vector<int64_t> lead;
+  std::vector<int64_t> xstride, wstride, bstride;  // wstride/bstride: lead.size() per affine stage
+  bool x_whole = false;  // x has every leading dim: its slices are the results' slices
   int order = 0;
   bool full = false;
   bool fwdrev = false;  // the algorithm: forward-over-reverse, else forward
@@ -361,8 +367,17 @@ struct Call {
   std::vector<double> part_slopes;
   std::vector<const T*> W, b;  // per affine stage; b null without a bias
   std::vector<int> ins, outs;
-  std::vector<int64_t> wslices, bslices;
   std::vector<T*> res;  // order + 1 result buffers
+
+  // The slice of an operand (its strides from ``stride[first]``) that result slice s reads.
+  int64_t slice_of(const std::vector<int64_t>& stride, size_t first, int64_t s) const {
+    int64_t at = 0;
+    for (size_t j = lead.size(); j-- > 0;) {
+      at += (s % lead[j]) * stride[first + j];
+      s /= lead[j];
+    }
+    return at;
+  }
 
   void clear() {  // keeps the capacity
     kinds.clear();
@@ -374,8 +389,10 @@ struct Call {
     b.clear();
     ins.clear();
     outs.clear();
-    wslices.clear();
-    bslices.clear();
+    lead.clear();
+    xstride.clear();
+    wstride.clear();
+    bstride.clear();
     res.clear();
   }
 };
@@ -448,8 +465,9 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     a.in = c.ins[ai];
     a.out = c.outs[ai];
     P.width[s] = a.out;
-    a.W = c.W[ai] + (c.wslices[ai] == 1 ? 0 : slice * (int64_t)a.in * a.out);
-    a.b = c.b[ai] ? c.b[ai] + (c.bslices[ai] == 1 ? 0 : slice * (int64_t)a.out) : nullptr;
+    const size_t first = (size_t)ai * c.lead.size();
+    a.W = c.W[ai] + c.slice_of(c.wstride, first, slice) * (int64_t)a.in * a.out;
+    a.b = c.b[ai] ? c.b[ai] + c.slice_of(c.bstride, first, slice) * (int64_t)a.out : nullptr;
     ++ai;
     widest = std::max(widest, a.out);
     a.ncols = round_up(a.out, kNR<T>);
@@ -582,14 +600,39 @@ static void run_batch(const Program<T>& P, const T* x, const Outputs<T>& out, in
 
 static int64_t count(const ffi::AnyBuffer& b) { return (int64_t)b.element_count(); }
 
+// Appends to ``out`` the slice strides of an operand's leading dims (all but its last
+// ``core``) against the results' ``lead``, right-aligned as in broadcasting: 0 where the
+// operand has size 1 (shared along that dim). False if a dim is neither 1 nor the
+// results'. ``whole``: whether the operand has every leading dim in full.
+static bool lead_strides(ffi::Span<const int64_t> dims, size_t core, const std::vector<int64_t>& lead,
+                         std::vector<int64_t>& out, bool* whole = nullptr) {
+  if (dims.size() < core) return false;
+  const size_t own = dims.size() - core, r = lead.size();
+  if (own > r) return false;
+  const size_t base = out.size();
+  out.resize(base + r);
+  int64_t acc = 1;
+  bool all = true;
+  for (size_t j = r; j-- > 0;) {
+    const int64_t d = j >= r - own ? dims[j - (r - own)] : 1;
+    if (d != 1 && d != lead[j]) return false;
+    out[base + j] = d == 1 ? 0 : acc;
+    all = all && d == lead[j];
+    acc *= d;
+  }
+  if (whole) *whole = all;
+  return true;
+}
+
 template <class T>
 static void run_call(const Call<T>& c) {
   const int m = c.m, order = c.order;
   const bool full = c.full;
-  const int64_t Bp = c.Bp, S = c.S, xs = c.xs;
+  const int64_t Bp = c.Bp, S = c.S;
   const int n = c.outs.empty() ? m : c.outs.back();
   bool shared = true;
-  for (size_t i = 0; i < c.W.size(); ++i) shared = shared && c.wslices[i] == 1 && c.bslices[i] == 1;
+  for (int64_t st : c.wstride) shared = shared && st == 0;
+  for (int64_t st : c.bstride) shared = shared && st == 0;
 
   const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
   const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
@@ -658,14 +701,14 @@ static void run_call(const Call<T>& c) {
                  full};
     return o;
   };
-  if (shared && xs == S) {  // one batch of S * Bp points
+  if (shared && c.x_whole) {  // one batch of S * Bp points
     prepare<T>(P, c, 0);
     run_batch<T>(P, c.x, outputs_at(0), S * Bp);
     return;
   }
   for (int64_t s = 0; s < S; ++s) {
     prepare<T>(P, c, s);
-    run_batch<T>(P, c.x + (xs == 1 ? 0 : s * Bp * m), outputs_at(s * Bp), Bp);
+    run_batch<T>(P, c.x + c.slice_of(c.xstride, 0, s) * Bp * m, outputs_at(s * Bp), Bp);
   }
 }
 
@@ -720,14 +763,19 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   const int64_t Bp = c.Bp;
   const int m = c.m;
   if ((int64_t)rets.size() != order + 1) return ffi::Error::InvalidArgument("expected order + 1 results");
-  int64_t res0_count = 0;
   for (size_t i = 0; i < rets.size(); ++i) {
     auto r = rets.get<ffi::AnyBuffer>(i);
     if (r.has_error()) return r.error();
     ffi::AnyBuffer buf = *r.value();
     c.res.push_back(reinterpret_cast<T*>(buf.untyped_data()));
-    if (i == 0) res0_count = count(buf);
+    if (i == 0) {  // the value: (*lead, Bp, n)
+      const auto rd = buf.dimensions();
+      if (rd.size() < 2 || rd[rd.size() - 2] != c.Bp) return ffi::Error::InvalidArgument("results do not match x");
+      c.lead.assign(rd.begin(), rd.end() - 2);
+    }
   }
+  c.S = 1;
+  for (int64_t d : c.lead) c.S *= d;
   if (m <= 0) return ffi::Error::InvalidArgument("x has no inputs");
   // Operands and their slice counts.
   size_t ai = 0;
@@ -743,7 +791,7 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
     if (in != (c.outs.empty() ? m : c.outs.back()))
       return ffi::Error::InvalidArgument("weight shapes do not chain");
     c.W.push_back(reinterpret_cast<const T*>(wb.value().untyped_data()));
-    c.wslices.push_back(count(wb.value()) / std::max<int64_t>(1, (int64_t)in * outd));
+    if (!lead_strides(wd, 2, c.lead, c.wstride)) return ffi::Error::InvalidArgument("parameter slices do not match");
     c.ins.push_back(in);
     c.outs.push_back(outd);
     if (kinds[s] == -2) {
@@ -751,20 +799,15 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
       auto bb = args.get<ffi::AnyBuffer>(ai++);
       if (bb.has_error()) return bb.error();
       c.b.push_back(reinterpret_cast<const T*>(bb.value().untyped_data()));
-      c.bslices.push_back(count(bb.value()) / std::max(1, outd));
+      if (!lead_strides(bb.value().dimensions(), 1, c.lead, c.bstride))
+        return ffi::Error::InvalidArgument("parameter slices do not match");
     } else {
       c.b.push_back(nullptr);
-      c.bslices.push_back(1);
+      c.bstride.resize(c.bstride.size() + c.lead.size(), 0);
     }
   }
-  const int n = c.outs.empty() ? m : c.outs.back();
-  const int64_t per_slice = Bp * n;
-  c.S = per_slice ? res0_count / per_slice : 0;
-  c.xs = (Bp * m != 0) ? count(x) / (Bp * m) : 0;
-  auto ok = [&](int64_t k) { return k == 1 || k == c.S; };
-  if (!ok(c.xs)) return ffi::Error::InvalidArgument("x slices do not match the results");
-  for (size_t i = 0; i < c.W.size(); ++i)
-    if (!ok(c.wslices[i]) || !ok(c.bslices[i])) return ffi::Error::InvalidArgument("parameter slices do not match");
+  if (!lead_strides(xd, 2, c.lead, c.xstride, &c.x_whole))
+    return ffi::Error::InvalidArgument("x slices do not match the results");
   if (c.S == 0 || Bp == 0) return ffi::Error::Success();
   c.x = reinterpret_cast<const T*>(x.untyped_data());
   c.kinds.assign(kinds.begin(), kinds.end());
