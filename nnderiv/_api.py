@@ -128,10 +128,11 @@ def derivatives(
         anything is traced, with the size needed and a ``batch_size`` that fits.
       method: ``"analytic"`` (packed Taylor arithmetic: the forward or the
         forward-over-reverse algorithm, whichever is predicted faster; both names can be
-        asked for directly as ``"forward"`` and ``"fwdrev"``. Plain MLPs up to order 3 run
-        hand-written kernels; every other model made of supported primitives -- residual
-        blocks, normalisation, Fourier features, output transforms -- and every order runs
-        the Taylor engine, which names the primitive it cannot take), ``"jet"``
+        asked for directly as ``"forward"`` and ``"fwdrev"``. Both run on the Taylor
+        engine, for any model made of supported primitives -- residual blocks,
+        normalisation, Fourier features, output transforms -- and any order, and it names
+        the primitive it cannot take; a layered model up to order 3 takes its fused path,
+        one call of the native CPU kernel where that applies), ``"jet"``
         (``jax.experimental.jet``), ``"nested"`` (nested ``jacfwd``/``jacrev``) or
         ``"auto"`` (default: the fastest that applies).
       layout: ``"full"`` (default) or ``"packed"``: the Hessian and third tensor hold

@@ -14,7 +14,7 @@ rule in the same pass, and a persistent thread pool over the batch.
   source, jaxlib's version, the compiler's version and the platform; it is built under a
   temporary name and renamed, so concurrent builds are safe.
 * ``NNDERIV_NATIVE=0`` disables it; ``$CXX`` names the compiler (else ``c++`` or ``g++``).
-* No compiler, a failed build or a failed load is never an error: the XLA kernels run,
+* No compiler, a failed build or a failed load is never an error: the XLA recursions run,
   and one warning per process says why. :func:`status` reports the state.
 * :func:`native_derivatives` is the hook the analytic methods call: it returns ``None``
   where the kernel does not apply (another backend, an activation outside the closed-form
@@ -193,7 +193,7 @@ def load() -> bool:
                 _state.warned = True
                 warnings.warn(
                     f"nnderiv: the native CPU kernel is unavailable ({_state.reason}); "
-                    f"using the XLA kernels (set {ENV_ENABLE}=0 to silence this)",
+                    f"using the XLA recursions (set {ENV_ENABLE}=0 to silence this)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -517,7 +517,7 @@ _OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("nnderiv_native_off"
 
 @contextlib.contextmanager
 def disabled():
-    """Within the block, programs traced use the XLA kernels (A/B timings, tests)."""
+    """Within the block, programs traced use the XLA recursions (A/B timings, tests)."""
     token = _OFF.set(True)
     try:
         yield

@@ -17,7 +17,7 @@ Both return packed results (orders >= 2 hold their unique entries), or full ones
 the native kernel wrote them. A model that is a layered form throughout (an MLP, with
 skips, concatenations and affine maps: ``_network``) takes the fused path (``_layered``:
 one matmul and one elementwise rule per layer, on the native kernel where it applies) at
-orders up to 3; elsewhere the fused path runs the model's :func:`layered_prefix`.
+orders up to 3; elsewhere the fused path runs the model's :func:`layered_prefixes`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from .. import _batching, _cpu, _jaxpr, _network
 from .._derivatives import Derivatives
 from . import _engine, _layered, _poly, _tables
-from ._engine import Counter, UnsupportedModelError, layered_prefix, run, segments
+from ._engine import Counter, UnsupportedModelError, layered_prefix, layered_prefixes, run, segments
 from ._poly import Poly
 from ._rules import RULES
 
@@ -43,6 +43,7 @@ __all__ = [
     "fwdrev",
     "jacobian_program",
     "layered_prefix",
+    "layered_prefixes",
     "work",
     "run",
     "segments",
@@ -165,12 +166,12 @@ def forward(
     program = _network.trace_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
     segments(program)  # identified by value here, outside the batch vmap (cached)
-    prefix = layered_prefix(program)  # likewise
+    prefixes = layered_prefixes(program)  # likewise
     chunk = chunk or chunk_size(program, m, order, x.dtype.itemsize, x.shape[0])
 
     def chunk_fields(xs):
-        pre = _engine.prefix_fields(prefix, leaves, xs, order)
-        if pre is None:
+        pre = _engine.prefix_fields(prefixes, leaves, xs, order)
+        if all(f is None for f in pre):
             return jax.vmap(lambda u: _forward_point(program, leaves, u, order))(xs)
         return jax.vmap(lambda u, f: _forward_point(program, leaves, u, order, layered=f))(xs, pre)
 
@@ -214,11 +215,12 @@ def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:
     fwd = Counter()
     program = _network.trace_program(net, m, dtype)
     segments(program)
-    prefix = layered_prefix(program)
+    prefixes = layered_prefixes(program)
 
     def point(ls, u):
-        pre = _engine.prefix_fields(prefix, ls, u[None], order)
-        return _forward_point(program, ls, u, order, fwd, None if pre is None else [f[0] for f in pre])
+        pre = _engine.prefix_fields(prefixes, ls, u[None], order)
+        pre = [None if f is None else [a[0] for a in f] for f in pre]
+        return _forward_point(program, ls, u, order, fwd, pre if any(f is not None for f in pre) else None)
 
     jax.eval_shape(point, specs, x)
     out["forward"] = fwd.flops

@@ -225,8 +225,8 @@ class LayeredPrefix:
 
     ``result`` (1-D) depends on the input only through ``eqns`` (indices into the
     program), which form an MLP (``structure``, see ``_network``) and whose
-    input-dependent values nothing else reads: the hand-written kernel computes its
-    Taylor polynomial in one call, and the interpreter skips those equations.
+    input-dependent values nothing else reads: the native kernel (the fused path)
+    computes its Taylor polynomial in one call, and the interpreter skips those equations.
     """
 
     result: _jaxpr.FlatVar
@@ -234,25 +234,32 @@ class LayeredPrefix:
     structure: Any
 
 
-_PREFIXES: dict[int, tuple[_jaxpr.FlatProgram, LayeredPrefix | None]] = {}
+_PREFIXES: dict[int, tuple[_jaxpr.FlatProgram, tuple[LayeredPrefix, ...]]] = {}
 
 
-def layered_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
-    """The latest-defined variable with a :class:`LayeredPrefix` (cached per program), or None.
+def layered_prefixes(program: _jaxpr.FlatProgram) -> tuple[LayeredPrefix, ...]:
+    """The program's disjoint :class:`LayeredPrefix` es, latest-defined first (cached per program).
 
     Candidates are the live values that meet another live value (``x0 (1 - x0) * mlp(x)``,
-    a sum of sub-networks) and the outputs; one with at least two affine layers and an
-    activation between them, since the kernel gains nothing on less.
+    a product or sum of sub-networks) and the outputs; each with at least two affine
+    layers and an activation between them, since the kernel gains nothing on less, and no
+    equation of an earlier-found one.
     """
     cached = _PREFIXES.get(id(program))
     if cached is not None and cached[0] is program:
         return cached[1]
-    found = _find_prefix(program)
+    found = _find_prefixes(program)
     _PREFIXES[id(program)] = (program, found)
     return found
 
 
-def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
+def layered_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
+    """The latest-defined of :func:`layered_prefixes`, or None."""
+    found = layered_prefixes(program)
+    return found[0] if found else None
+
+
+def _find_prefixes(program: _jaxpr.FlatProgram) -> tuple[LayeredPrefix, ...]:
     kind = _kinds(program)
     producer = {o: i for i, e in enumerate(program.eqns) for o in e.outputs}
     users: dict[Any, set[int]] = {}
@@ -267,8 +274,12 @@ def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
         live = [v for v in e.inputs if isinstance(v, _jaxpr.FlatVar) and kind[v] == "live"]
         if len(live) >= 2:
             candidates.update(v for v in live if v is not x)
+    found: list[LayeredPrefix] = []
+    taken: set[int] = set()
     for v in sorted((c for c in candidates if c in producer), key=producer.get, reverse=True):
         if kind[v] != "live" or len(v.shape) != 1 or not jnp.issubdtype(v.dtype, jnp.floating):
+            continue
+        if producer[v] in taken:
             continue
         ancestors, stack = set(), [producer[v]]
         while stack:
@@ -278,6 +289,8 @@ def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
             ancestors.add(i)
             stack.extend(producer[u] for u in program.eqns[i].inputs if u in producer)
         live_eqns = {i for i in ancestors if kind[program.eqns[i].outputs[0]] == "live"}
+        if live_eqns & taken:
+            continue
         # Their input-dependent values must not be read elsewhere (v itself is).
         escapes = any(
             (users.get(o, set()) - ancestors) or o in outputs
@@ -294,23 +307,28 @@ def _find_prefix(program: _jaxpr.FlatProgram) -> LayeredPrefix | None:
         affine = sum(isinstance(s, _network.AffineStage) for s in structure.stages)
         if affine < 2 or structure.plain and len(structure.stages) < 3:
             continue
-        return LayeredPrefix(v, frozenset(live_eqns), structure)
-    return None
+        found.append(LayeredPrefix(v, frozenset(live_eqns), structure))
+        taken |= live_eqns
+    return tuple(found)
 
 
-def prefix_fields(prefix: LayeredPrefix | None, consts, x: jax.Array, order: int):
-    """The native kernel's packed fields of ``prefix.result`` at the points ``x`` (B, m), or None.
+def prefix_fields(prefixes, consts, x: jax.Array, order: int):
+    """The native kernel's packed fields of each prefix's ``result`` at the points ``x`` (B, m).
 
-    Called on a batch, outside the interpreter's ``vmap`` over points: the custom call
-    then sees one batch and shared weights, however the caller's own ``vmap`` batches
-    the points or the parameters.
+    A list with one entry per prefix: its fields, or None where the kernel does not apply
+    (the interpreter then runs that prefix's equations). Called on a batch, outside the
+    interpreter's ``vmap`` over points: the custom call then sees one batch and shared
+    weights, however the caller's own ``vmap`` batches the points or the parameters.
     """
     from .. import _native
 
-    if prefix is None or not 1 <= order <= 3:
-        return None
-    stages = _network.runtime_stages(None, prefix.structure, x.dtype, leaves=consts)
-    return _native.native_derivatives(stages, x, order, "packed", "forward")
+    if not 1 <= order <= 3:
+        return [None] * len(prefixes)
+    out = []
+    for prefix in prefixes:
+        stages = _network.runtime_stages(None, prefix.structure, x.dtype, leaves=consts)
+        out.append(_native.native_derivatives(stages, x, order, "packed", "forward"))
+    return out
 
 
 def _prefix_poly(prefix: LayeredPrefix, fields, m: int, order: int, counter: Counter) -> Poly:
@@ -337,17 +355,19 @@ def run(
 
     ``consts``: values of every input but the last (the parameters). Returns, per program
     output, a :class:`Poly` (live) or a plain value. ``layered``: the
-    :func:`prefix_fields` of the program's :func:`layered_prefix` at this point, whose
-    equations are then skipped.
+    :func:`prefix_fields` of the program's :func:`layered_prefixes` at this point; the
+    equations of those with fields are then skipped.
     """
     counter = counter or Counter()
     m = x.shape[0]
     env: dict[Any, Any] = dict(zip(program.inputs[:-1], consts))
     env[program.inputs[-1]] = _poly.variable(x, order)
     segs, skipped = segments(program) if fast_path else ({}, frozenset())
-    prefix = layered_prefix(program) if layered is not None else None
-    if prefix is not None:
-        env[prefix.result] = _prefix_poly(prefix, layered, m, order, counter)
+    prefixes = layered_prefixes(program) if layered is not None else ()
+    for prefix, fields in zip(prefixes, layered or ()):
+        if fields is None:
+            continue
+        env[prefix.result] = _prefix_poly(prefix, fields, m, order, counter)
         cut = {i: s for i, s in segs.items() if set(s.eqns) & prefix.eqns}
         segs = {i: s for i, s in segs.items() if i not in cut}
         # A segment the prefix cuts runs as its primitives (those outside the prefix).

@@ -2,8 +2,8 @@
 and shape) and a ``compute`` (per batch) step; calling one, ``METHODS[name](net, x, order)``,
 runs both.
 
-``"forward"`` and ``"fwdrev"`` run one Taylor algorithm each (the hand-written kernels for
-an MLP up to order 3, the Taylor engine for any other model or order); ``"analytic"``
+``"forward"`` and ``"fwdrev"`` run one algorithm of the Taylor engine each (a layered
+model up to order 3 on its fused path, the native kernel where it applies); ``"analytic"``
 runs the faster of the two, ``"auto"`` the fastest of those and nested AD, as decided by
 :func:`select` (``_plan``); ``"jet"`` and ``"nested"`` are the references.
 """

@@ -120,19 +120,19 @@ def native_applies(net, analysis: Analysis, order: int, batch: int) -> tuple[str
     """Which analytic algorithms (forward, fwdrev) would run on the native kernel, or some of it.
 
     A layered model runs on it whole; the engine's forward algorithm runs a model's
-    layered prefix on it (``_taylor.layered_prefix``).
+    layered prefixes on it (``_taylor.layered_prefixes``).
     """
     if order > 3:
         return ()
     if analysis.structure is None:
         program = _network.trace_program(net, analysis.m, analysis.dtype)
-        prefix = _taylor.layered_prefix(program)
-        if prefix is None:
-            return ()
         leaves = jax.tree_util.tree_leaves(net.params)
-        stages = _network.runtime_stages(net, prefix.structure, analysis.dtype, leaves=leaves)
         shape = _cost._ShapeOnly((batch, analysis.m), analysis.dtype)  # noqa: SLF001
-        return ("forward",) if _native.applies(stages, shape, order) else ()
+        for prefix in _taylor.layered_prefixes(program):
+            stages = _network.runtime_stages(net, prefix.structure, analysis.dtype, leaves=leaves)
+            if _native.applies(stages, shape, order):
+                return ("forward",)
+        return ()
     shape = _cost._ShapeOnly((batch, analysis.m), analysis.structure.dtype)  # noqa: SLF001
     stages = analysis.stages(net)
     return tuple(a for a in TAYLOR if _native.applies(stages, shape, order, a))
@@ -186,7 +186,7 @@ def _measured_variant(net, analysis: Analysis, order: int, batch: int, variants,
     """
     # What the caller will run, which the timing thread cannot see (context variables do
     # not follow a thread): the result's layout (the native kernel writes the full one
-    # itself, the XLA kernels expand it after) and whether the native kernel is allowed.
+    # itself, the XLA recursions expand it after) and whether the native kernel is allowed.
     layout, native = _native.requested_layout(), native_applies(net, analysis, order, batch)
     names = {_choice_name(a, c): (a, c) for a, c in variants}
     key = _measured.signature(net, analysis, order, batch, list(names), f"{layout},native={'+'.join(native) or 'none'}")
