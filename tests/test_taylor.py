@@ -151,6 +151,59 @@ def test_activation_segments_are_recognised():
     assert sorted(s.activation.name for s in found.values()) == ["silu", "softplus"]
 
 
+def test_multi_output_segments_in_the_jacrev_program():
+    """jacrev keeps an activation and its slope (softplus(z) and sigmoid(z)): one segment each.
+
+    Both are univariate functions of the same pre-activation; the slope, unrecognised, is
+    differentiated by nested jvp (a generic activation), so the reverse sweep's rules see
+    one composition per value instead of a product per primitive.
+    """
+
+    def f(p, x):
+        h = x @ p[0]
+        h = (h - h.mean()) / jnp.sqrt(h.var() + 1e-3)  # not layered: the interpreter runs it
+        return jax.nn.softplus(h) @ p[1]
+
+    key = jax.random.split(jax.random.PRNGKey(5), 2)
+    params = [jax.random.normal(key[0], (3, 6), jnp.float64), jax.random.normal(key[1], (6, 2), jnp.float64)]
+    net = nnderiv.from_function(f, params, input_dim=3)
+    program = _taylor.jacobian_program(net, 3, jnp.float64)
+    found, _ = _taylor.segments(program)
+    by_source = {}
+    for seg in found.values():
+        by_source.setdefault(seg.source, []).append(seg.activation)
+    assert any(len(acts) >= 2 and any(not a.closed_form for a in acts) for acts in by_source.values()), found
+    x = _models.points(3, (4,), scale=2.0)
+    for order in (3, 4):
+        want = nnderiv.derivatives(net, x, order, method="nested", layout="packed")
+        got = nnderiv.derivatives(net, x, order, method="fwdrev", layout="packed")
+        for k in range(order + 1):
+            assert relative_error(got[k], want[k]) <= 1e-12, (order, k)
+
+
+def test_live_scalars_broadcast_against_vectors():
+    """``h * s``, ``h / s``, ``s / h``, ``h + s`` with ``s`` a live scalar (lax takes rank-0
+    operands). With as many inputs as units, a product of coefficient blocks broadcast from
+    the trailing axis pairs the coefficient axis with the units: a silent wrong answer
+    before the fix (the third derivative off by 50% in a hand-written normalisation)."""
+
+    def g(h):
+        return h * h.sum() + h / (2 + h.var()) + h.sum() / (3 + h * h) + jnp.maximum(h, h.mean()) + (h.mean() - h)
+
+    def f(p, x):
+        return jnp.tanh(g(jnp.tanh(x @ p[0]))) @ p[1]
+
+    key = jax.random.split(jax.random.PRNGKey(5), 2)
+    params = [jax.random.normal(key[0], (3, 3), jnp.float64), jax.random.normal(key[1], (3, 2), jnp.float64)]
+    net = nnderiv.from_function(f, params, input_dim=3)
+    x = _models.points(3, (4,))
+    want = nnderiv.derivatives(net, x, 3, method="nested", layout="packed")
+    for method in ("forward", "fwdrev"):
+        got = nnderiv.derivatives(net, x, 3, method=method, layout="packed")
+        for k in range(4):
+            assert relative_error(got[k], want[k]) <= 1e-12, (method, k)
+
+
 # --- random programs of supported primitives, against nested AD ---
 
 UNARY = {

@@ -94,6 +94,9 @@ def segments(program: _jaxpr.FlatProgram) -> tuple[dict[int, Segment], frozenset
     return found
 
 
+_MULTI_OUTPUT = True  # segments with several escaping values (off: A/B timings)
+
+
 def _find_segments(program):
     kind = _kinds(program)
     producer: dict[Any, int] = {}
@@ -149,23 +152,44 @@ def _find_segments(program):
             for i in program.eqns[idx].inputs
             if isinstance(i, _jaxpr.FlatVar) and kind_of(kind, i) == "live" and i not in produced
         }
-        escaping = [v for v in produced if v in outputs or uses.get(v, set()) - inside]
-        if len(sources) != 1 or len(escaping) != 1:
+        escaping = sorted(
+            (v for v in produced if v in outputs or uses.get(v, set()) - inside), key=lambda v: producer[v]
+        )
+        if len(sources) != 1 or not escaping:
             continue
-        (source,), (result,) = sources, escaping
-        if not (jnp.issubdtype(source.dtype, jnp.floating) and jnp.issubdtype(result.dtype, jnp.floating)):
+        (source,) = sources
+        if not jnp.issubdtype(source.dtype, jnp.floating):
             continue
-        if source.shape != result.shape:
+        if any(not jnp.issubdtype(r.dtype, jnp.floating) or r.shape != source.shape for r in escaping):
             continue
-        activation = _identify(program, kind, [program.eqns[i] for i in members], source, result)
-        if activation is None or activation.name == "identity":
-            continue
-        found[max(members)] = Segment(source, result, tuple(members), activation)
+        eqns = [program.eqns[i] for i in members]
+        if len(escaping) == 1 or not _MULTI_OUTPUT:
+            if len(escaping) != 1:
+                continue
+            activation = _identify(program, kind, eqns, source, escaping[0])
+            if activation is None or activation.name == "identity":
+                continue
+            pieces = [(escaping[0], activation)]
+        else:
+            # Several values of one univariate function family (an activation and the
+            # slope jacrev keeps of it, tanh(z) and 1 - tanh(z)^2): each is a function of
+            # the source, recognised or differentiated by nested jvp, so each costs one
+            # composition instead of a product per primitive.
+            pieces = [(r, _identify(program, kind, eqns, source, r, generic=True)) for r in escaping]
+            if any(a is None for _, a in pieces):
+                continue
+        for result, activation in pieces:
+            found[producer[result]] = Segment(source, result, tuple(members), activation)
         skipped.update(members)
     return found, frozenset(skipped)
 
 
-def _identify(program, kind, eqns, source, result) -> _activations.Activation | None:
+def _identify(program, kind, eqns, source, result, generic: bool = False) -> _activations.Activation | None:
+    """The univariate function ``source -> result`` of ``eqns``: a known activation, or None.
+
+    ``generic``: an unknown one is differentiated by nested ``jvp`` of the equations
+    (any elementwise function, the same for every unit or not).
+    """
     produced = {o for e in eqns for o in e.outputs}
     external = [
         i for e in eqns for i in e.inputs if isinstance(i, _jaxpr.FlatVar) and i is not source and i not in produced
@@ -181,9 +205,14 @@ def _identify(program, kind, eqns, source, result) -> _activations.Activation | 
             values = np.asarray(values).reshape(len(probes), -1)
     except Exception:  # noqa: BLE001 - an unusual segment: fall back to its primitives' rules
         return None
-    if not np.all(values == values[:, :1]):
-        return None
-    return _activations.recognize(values[:, 0], source.dtype)
+    known = _activations.recognize(values[:, 0], source.dtype) if np.all(values == values[:, :1]) else None
+    if known is not None or not generic:
+        return known
+
+    def function(z):
+        return _jaxpr.evaluate(sub, (z,), dict(env))[0]
+
+    return _activations.generic(function, "segment")
 
 
 def _where(eqn: _jaxpr.FlatEqn) -> str:

@@ -128,6 +128,11 @@ def _pair_terms(f: Callable | None, u, v, m: int, i: int, l: int):
     acc = None
     for c in range(ia.shape[1]):
         ua, vb = jnp.take(u, ia[:, c], axis=0), jnp.take(v, ib[:, c], axis=0)
+        if f is None and ua.shape != vb.shape:
+            # Per-coefficient shapes that only broadcast (a vector times a scalar: lax takes
+            # rank-0 operands): broadcast them per row, not from the trailing axis, which
+            # would pair the coefficient axis with a value axis.
+            f = jnp.multiply
         term = ua * vb if f is None else jax.vmap(f)(ua, vb)
         if not mask[:, c].all():
             term = term * jnp.asarray(mask[:, c], term.dtype).reshape((-1,) + (1,) * (term.ndim - 1))
