@@ -17,7 +17,7 @@ Both return packed results (orders >= 2 hold their unique entries), or full ones
 the native kernel wrote them. A model that is a layered form throughout (an MLP, with
 skips, concatenations and affine maps: ``_network``) takes the fused path (``_layered``:
 one matmul and one elementwise rule per layer, on the native kernel where it applies) at
-orders up to 3; elsewhere the fused path runs the model's :func:`layered_prefixes`.
+orders up to 3; in any other model the native kernel runs its :func:`layered_prefixes`.
 """
 
 from __future__ import annotations
@@ -184,18 +184,17 @@ def fwdrev(
 ) -> Derivatives:
     """The engine's forward-over-reverse algorithm on a batch ``x`` (B, m).
 
-    A layered model runs the native kernel's forward-over-reverse where it applies (unless
-    ``fused=False``); else the interpreter runs the program of ``jax.jacrev(f)`` at order
-    ``order - 1``.
+    A layered model up to order 3 takes the fused path (the native kernel where it
+    applies, else the XLA recursion of ``_layered_fwdrev``), unless ``fused=False``; any
+    other model or order runs the interpreter on the program of ``jax.jacrev(f)`` at
+    order ``order - 1``.
     """
     if order == 0:
         return forward(net, x, 0, fused=fused)
     m = x.shape[-1]
     structure = _layered_form(net, m, x.dtype, order) if fused else None
     if structure is not None:
-        fused = _layered.derivatives(net, structure, x, order, "fwdrev")
-        if fused is not None:
-            return fused
+        return _layered.derivatives(net, structure, x, order, "fwdrev", chunk)
     program = jacobian_program(net, m, x.dtype)
     leaves = jax.tree_util.tree_leaves(net.params)
     segments(program)
