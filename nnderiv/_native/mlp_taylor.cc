@@ -598,8 +598,6 @@ static void run_batch(const Program<T>& P, const T* x, const Outputs<T>& out, in
   run_range<T>(P, x, out, 0, batch);
 }
 
-static int64_t count(const ffi::AnyBuffer& b) { return (int64_t)b.element_count(); }
-
 // Appends to ``out`` the slice strides of an operand's leading dims (all but its last
 // ``core``) against the results' ``lead``, right-aligned as in broadcasting: 0 where the
 // operand has size 1 (shared along that dim). False if a dim is neither 1 nor the

@@ -163,9 +163,9 @@ def _find_segments(program):
         if any(not jnp.issubdtype(r.dtype, jnp.floating) or r.shape != source.shape for r in escaping):
             continue
         eqns = [program.eqns[i] for i in members]
-        if len(escaping) == 1 or not _MULTI_OUTPUT:
-            if len(escaping) != 1:
-                continue
+        if len(escaping) > 1 and not _MULTI_OUTPUT:
+            continue
+        if len(escaping) == 1:
             activation = _identify(program, kind, eqns, source, escaping[0])
             if activation is None or activation.name == "identity":
                 continue
