@@ -371,8 +371,10 @@ def test_engine_on_bench_models_against_nested(bench_models, kind, batch):
     x = 0.4 * jax.random.normal(jax.random.PRNGKey(1), (*batch, 3), jnp.float64)
     if kind == "hard-constraint":
         x = jnp.abs(x) / (1 + jnp.abs(x))
-    # One point runs the batch's code after a reshape: order 3 there, every order on the batch.
-    for order in (1, 2, 3, 4) if batch else (3,):
+    # One point runs the batch's code after a reshape: order 3 there, orders 1-3 on the batch.
+    # Order 4 on these kinds of model (a residual, Fourier-feature, LayerNorm and hard-
+    # constraint net) is test_orders.py's model zoo; here it cost 80 s of CI (LayerNorm).
+    for order in (1, 2, 3) if batch else (3,):
         expected = nnderiv.derivs_fn(net, order=order, method="nested", layout="packed")(x)
         for method in ("forward", "fwdrev"):
             got = nnderiv.derivs_fn(net, order=order, method=method, layout="packed")(x)

@@ -159,6 +159,10 @@ static void pack_panels(const T* src, int64_t sk, int64_t sc, int kc, int cols, 
   dst.resize((size_t)kc * ncols);
   for (int p = 0; p < ncols; p += NR) {
     T* panel = dst.data() + (size_t)p * kc;
+    if (sc == 1 && p + NR <= cols) {  // whole rows of W: one 64-byte copy each (the per-call cost at one point)
+      for (int k = 0; k < kc; ++k) std::memcpy(panel + k * NR, src + k * sk + p, sizeof(T) * NR);
+      continue;
+    }
     for (int k = 0; k < kc; ++k)
       for (int l = 0; l < NR; ++l) panel[k * NR + l] = p + l < cols ? src[k * sk + (p + l) * sc] : T(0);
   }
