@@ -12,8 +12,8 @@
 // of (tile*K, in) by (in, out) with a register-blocked 6 x (2 vectors) micro-kernel, W
 // packed in column panels once per call, the rows in L2-sized slabs (at one core's FMA
 // peak within 5% at 64 units on the EPYC VM); the elementwise rule runs over the same
-// buffer while it is in cache. Tiles are spread over
-// a persistent thread pool (sized by sched_getaffinity) for large batches.
+// buffer while it is in cache. Tiles are spread over a persistent thread pool (sized by
+// sched_getaffinity) for large batches.
 //
 // Forward-over-reverse (for few outputs: (1 + n) C(m+2,2) columns against C(m+3,3)) runs
 // the same recursion to order 2, keeps each activation's slope stack, and sweeps the n
