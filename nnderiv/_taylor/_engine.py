@@ -94,9 +94,6 @@ def segments(program: _jaxpr.FlatProgram) -> tuple[dict[int, Segment], frozenset
     return found
 
 
-_MULTI_OUTPUT = True  # segments with several escaping values (off: A/B timings)
-
-
 def _find_segments(program):
     kind = _kinds(program)
     producer: dict[Any, int] = {}
@@ -163,21 +160,14 @@ def _find_segments(program):
         if any(not jnp.issubdtype(r.dtype, jnp.floating) or r.shape != source.shape for r in escaping):
             continue
         eqns = [program.eqns[i] for i in members]
-        if len(escaping) > 1 and not _MULTI_OUTPUT:
+        # Several escaping values are one univariate function family (an activation and
+        # the slope jacrev keeps of it, tanh(z) and 1 - tanh(z)^2): each is a function of
+        # the source, recognised or differentiated by nested jvp, so each costs one
+        # composition instead of a product per primitive.
+        several = len(escaping) > 1
+        pieces = [(r, _identify(program, kind, eqns, source, r, generic=several)) for r in escaping]
+        if any(a is None for _, a in pieces) or (not several and pieces[0][1].name == "identity"):
             continue
-        if len(escaping) == 1:
-            activation = _identify(program, kind, eqns, source, escaping[0])
-            if activation is None or activation.name == "identity":
-                continue
-            pieces = [(escaping[0], activation)]
-        else:
-            # Several values of one univariate function family (an activation and the
-            # slope jacrev keeps of it, tanh(z) and 1 - tanh(z)^2): each is a function of
-            # the source, recognised or differentiated by nested jvp, so each costs one
-            # composition instead of a product per primitive.
-            pieces = [(r, _identify(program, kind, eqns, source, r, generic=True)) for r in escaping]
-            if any(a is None for _, a in pieces):
-                continue
         for result, activation in pieces:
             found[producer[result]] = Segment(source, result, tuple(members), activation)
         skipped.update(members)
