@@ -1,4 +1,4 @@
-"""What the host CPU offers the batch loops, read at run time: cores and their L2 caches.
+"""What the host CPU offers the batch loops, read at run time: cores, L2 caches, identity.
 
 The engine sizes its batch chunks from these (``_taylor.chunk_size``). Linux exposes the
 cache hierarchy in sysfs: ``/sys/devices/system/cpu/cpuN/cache/indexI/{level,type,size,
@@ -16,6 +16,22 @@ from pathlib import Path
 FALLBACK_L2_PER_CORE = 1 << 20
 
 _SYSFS = Path("/sys/devices/system/cpu")
+
+#: The vector extensions that change what the kernels (XLA's and ours) run at: a
+#: calibration taken where one of these differs is stale.
+VECTOR_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512dq",
+    "avx512vl",
+    "avx512bw",
+    "amx_tile",
+    "asimd",
+    "sve",
+)
 
 
 def usable_cpus() -> list[int]:
@@ -65,3 +81,32 @@ def l2_bytes() -> int:
     cpus = usable_cpus()
     found = l2_bytes_from_sysfs(_SYSFS, cpus)
     return found if found is not None else FALLBACK_L2_PER_CORE * len(cpus)
+
+
+def identity_from_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's family, model, stepping and vector extensions in ``/proc/cpuinfo``.
+
+    A VM often shows every CPU generation under one model name (``AMD EPYC``); the family
+    and model numbers and the flags still tell an AVX2 core from an AVX-512 one.
+    """
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    out = {k: fields[k] for k in ("cpu family", "model", "stepping", "cpu part") if k in fields}
+    out["vector"] = ",".join(f for f in VECTOR_FLAGS if f in flags)
+    return out
+
+
+@functools.cache
+def identity() -> dict[str, str]:
+    """:func:`identity_from_cpuinfo` of this host (empty fields where there is no ``/proc/cpuinfo``)."""
+    try:
+        return identity_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:  # pragma: no cover - not Linux
+        return {"vector": ""}

@@ -168,6 +168,34 @@ def test_stale_cache_is_measured_again(cache_dir, monkeypatch):
     assert calls == ["float64", "float64"]
 
 
+def test_cpu_identity_tells_generations_apart():
+    # Two KVM guests that both call themselves "AMD EPYC": a Zen 3 (AVX2) and a Zen 5
+    # (AVX-512, twice the FMA width). Their calibrations must not be shared.
+    from nnderiv import _cpu
+
+    def cpuinfo(family, model, flags):
+        block = f"processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+        return block + f"stepping\t: 1\nflags\t\t: fpu sse4_2 {flags}\n\nprocessor\t: 1\nmodel\t\t: 99\n"
+
+    zen3 = _cpu.identity_from_cpuinfo(cpuinfo(25, 1, "avx avx2 fma"))
+    zen5 = _cpu.identity_from_cpuinfo(cpuinfo(26, 2, "avx avx2 fma avx512f avx512dq avx512vl avx512bw"))
+    assert zen3 == {"cpu family": "25", "model": "1", "stepping": "1", "vector": "sse4_2,avx,avx2,fma"}
+    assert zen5["vector"].endswith("avx512f,avx512dq,avx512vl,avx512bw") and zen5["model"] == "2"
+    assert _cpu.identity_from_cpuinfo("") == {"vector": ""}
+    assert _calibration.fingerprint()["cpu_id"] == _cpu.identity()
+
+
+def test_a_calibration_from_another_cpu_generation_is_stale(cache_dir, monkeypatch):
+    path, calls, _ = cache_dir
+    _calibration.calibrate("float64")
+    real = _calibration.fingerprint()
+    other = {**real, "cpu_id": {**real["cpu_id"], "vector": "sse4_2,avx,avx2,fma", "model": "1"}}
+    monkeypatch.setattr(_calibration, "fingerprint", lambda: other)
+    again = _calibration.calibrate("float64")
+    assert again.source == "probe" and "cpu_id" in again.note
+    assert calls == ["float64", "float64"]
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"schema": "nnderiv-calibration/1"}', ""])
 def test_unreadable_cache_is_measured_again(cache_dir, content):
     path, calls, fake = cache_dir

@@ -422,7 +422,7 @@ def test_build_in_a_fresh_process(tmp_path):
 def test_status_and_cache_key(tmp_path, monkeypatch):
     info = _native.status()
     assert info["state"] == "available" and Path(info["path"]).exists()
-    assert info["isa"] in ("avx2+fma", "baseline")
+    assert info["isa"] in _native.ISAS
     monkeypatch.setenv("NNDERIV_CACHE_DIR", str(tmp_path))
     cxx = _native._compiler()
     path = _native.library_path(cxx)
@@ -430,3 +430,33 @@ def test_status_and_cache_key(tmp_path, monkeypatch):
     monkeypatch.delenv("NNDERIV_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _native.cache_dir() == tmp_path / "xdg" / "nnderiv"
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("isa", sorted(_native.ISAS))
+def test_every_compute_copy_matches_xla(isa, algorithm):
+    # Each compute copy this CPU runs against the XLA kernels: AVX-512 packs weights in
+    # panels of 16 float64 (32 float32) columns, AVX2 and the baseline in 8 (16), so the
+    # widths fall below, between and above both; layers of 8..15 units take the padded
+    # GEMM on AVX-512 and an exact panel on AVX2. One point and a batch for the thread pool.
+    with _native._using_isa(isa) as running:
+        if running != isa:
+            pytest.skip(f"this CPU does not run the {isa} copy (runs {running})")
+        rng = np.random.default_rng(5)
+        cases = [
+            (3, (64, 64, 64), 1, "tanh"),
+            (2, (12, 33), 3, "softplus"),
+            (4, (16, 8, 24), 2, "silu"),
+            (5, (40, 17), 1, "gelu_tanh"),
+            (1, (9,), 12, "sigmoid"),
+        ]
+        for m, widths, n, activation in cases:
+            stages = _stages(m, widths, n, activation, jnp.float64, seed=m)
+            for batch in (1, 300):
+                x = jnp.asarray(rng.standard_normal((batch, m)))
+                label = f"{isa} {algorithm} m{m} {widths} n{n} {activation} b{batch}"
+                _check(stages, x, 3, "packed", label=label, algorithm=algorithm)
+        stages = _stages(3, (48, 20), 2, "tanh", jnp.float32, seed=9)
+        x = jnp.asarray(rng.standard_normal((50, 3)), jnp.float32)
+        _check(stages, x, 3, "full", dtype="float32", label=f"{isa} {algorithm} float32", algorithm=algorithm)
+    assert _native.status()["isa"] == _native._isa_name(_native._state.lib.NnderivMlpTaylorIsa())

@@ -5,15 +5,17 @@ point; each op and each tiny matmul costs microseconds, which dominates single-p
 calls and ``lax.scan`` steps, and narrow nets are bound by XLA's elementwise passes. This
 package compiles ``mlp_taylor.cc`` (C++17, an XLA FFI handler) at first use with the
 system C++ compiler and runs the whole derivative computation of an MLP as one custom
-call: batch tiles that stay in cache, a register-blocked matmul micro-kernel (AVX2+FMA
-where the CPU has it, a baseline build otherwise, chosen at run time), the elementwise
-rule in the same pass, and a persistent thread pool over the batch.
+call: batch tiles that stay in cache, a register-blocked matmul micro-kernel (AVX-512 or
+AVX2+FMA where the CPU has it, a baseline build otherwise, chosen at run time), the
+elementwise rule in the same pass, and a persistent thread pool over the batch.
 
 * The library is cached in ``$NNDERIV_CACHE_DIR``, else ``$XDG_CACHE_HOME/nnderiv``, else
   ``~/.cache/nnderiv`` (the calibration's directory), under a name keyed by a hash of the
   source, jaxlib's version, the compiler's version and the platform; it is built under a
   temporary name and renamed, so concurrent builds are safe.
 * ``NNDERIV_NATIVE=0`` disables it; ``$CXX`` names the compiler (else ``c++`` or ``g++``).
+  ``NNDERIV_NATIVE_ISA=avx2`` (or ``baseline``) runs a narrower compute copy than the CPU
+  allows, to compare them on one machine.
 * No compiler, a failed build or a failed load is never an error: the XLA recursions run,
   and one warning per process says why. :func:`status` reports the state.
 * :func:`native_derivatives` is the hook the analytic methods call: it returns ``None``
@@ -51,6 +53,9 @@ import numpy as np
 
 ENV_ENABLE = "NNDERIV_NATIVE"
 ENV_DIR = "NNDERIV_CACHE_DIR"
+ENV_ISA = "NNDERIV_NATIVE_ISA"
+#: The compute copies of the kernel by name, as the C++ side numbers them (``nnd::Isa``).
+ISAS = {"baseline": 0, "avx2+fma": 2, "avx512": 3}
 TARGET = "nnderiv_mlp_taylor"
 _HERE = Path(__file__).resolve().parent
 SOURCES = (_HERE / "mlp_taylor.cc", _HERE / "mlp_taylor_impl.inc")
@@ -181,10 +186,8 @@ def load() -> bool:
             path = build()
             lib = ctypes.CDLL(str(path))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NnderivMlpTaylor), platform="cpu")
-            isa = lib.NnderivMlpTaylorIsa
-            isa.restype = ctypes.c_int
-            _state.isa = "avx2+fma" if isa() == 2 else "baseline"
             _state.lib, _state.path = lib, str(path)
+            _state.isa = _apply_isa_request(lib)
             _state.available, _state.reason = True, f"loaded {path} ({_state.isa})"
         except Exception as err:  # noqa: BLE001 - any failure means: use the XLA path
             _state.available = False
@@ -199,6 +202,44 @@ def load() -> bool:
                 )
         _state.checked = True
         return _state.available
+
+
+def _isa_name(code: int) -> str:
+    return {v: k for k, v in ISAS.items()}.get(code, "baseline")
+
+
+def _apply_isa_request(lib) -> str:
+    """The compute copy after ``$NNDERIV_NATIVE_ISA`` (a name of :data:`ISAS`; ``avx2`` also
+    works) narrowed it; an unknown name warns and leaves the widest the CPU runs."""
+    lib.NnderivMlpTaylorIsa.restype = ctypes.c_int
+    lib.NnderivMlpTaylorSetIsa.restype = ctypes.c_int
+    lib.NnderivMlpTaylorSetIsa.argtypes = [ctypes.c_int]
+    want = os.environ.get(ENV_ISA, "").strip().lower()
+    if not want:
+        return _isa_name(lib.NnderivMlpTaylorSetIsa(-1))
+    code = ISAS.get("avx2+fma" if want == "avx2" else want)
+    if code is None:
+        warnings.warn(
+            f"nnderiv: {ENV_ISA}={want!r} is not one of {sorted(ISAS)}; using the widest this CPU runs",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        code = -1
+    return _isa_name(lib.NnderivMlpTaylorSetIsa(code))
+
+
+@contextlib.contextmanager
+def _using_isa(name: str):
+    """Within the block, new kernel calls run the compute copy ``name`` (or the widest
+    below it this CPU runs); yields the name of the copy in use. For tests."""
+    if not load():
+        raise RuntimeError(f"the native kernel is not available: {_state.reason}")
+    lib, before = _state.lib, _state.isa
+    try:
+        _state.isa = _isa_name(lib.NnderivMlpTaylorSetIsa(ISAS[name]))
+        yield _state.isa
+    finally:
+        _state.isa = _isa_name(lib.NnderivMlpTaylorSetIsa(ISAS[before]))
 
 
 def status() -> dict:

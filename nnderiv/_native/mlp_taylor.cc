@@ -19,8 +19,9 @@
 // the same recursion to order 2, keeps each activation's slope stack, and sweeps the n
 // output adjoints back through the layers as stacks of the same order.
 //
-// The compute (mlp_taylor_impl.inc) is compiled twice, for AVX2+FMA and for the baseline
-// target; __builtin_cpu_supports picks one at run time.
+// The compute (mlp_taylor_impl.inc) is compiled three times, for AVX-512 (512-bit vectors:
+// twice the FMA width of AVX2 on cores with full-width units, such as Zen 4/5 and Xeon),
+// AVX2+FMA and the baseline target; __builtin_cpu_supports picks the widest at run time.
 //
 // Custom call attributes: kinds (int64, one per stage: -1 affine, -2 affine with bias,
 // -3 skip, >= 0 activation code), slopes (float64 per stage, leaky_relu), links (int64
@@ -79,8 +80,14 @@ enum ActCode : int {
 constexpr int kAffineStage = -1;
 constexpr int kSkipStage = -3;
 
+// The instruction sets the compute is compiled for (values as NnderivMlpTaylorIsa says).
+enum Isa : int { kIsaBaseline = 0, kIsaAvx2 = 2, kIsaAvx512 = 3 };
+
+// Layers narrower than this many columns take dot products (gemm_narrow), not the GEMM:
+// the GEMM pads them to its panel width. Two 32-byte vectors, on every instruction set
+// (an 8-wide float64 layer pays the same 512-bit FMAs padded to 16 as 256-bit ones unpadded).
 template <class T>
-constexpr int kNR = 2 * (32 / (int)sizeof(T));  // micro-kernel columns: two 32-byte vectors
+constexpr int kNarrowBelow = 2 * (32 / (int)sizeof(T));
 
 inline int round_up(int v, int q) { return (v + q - 1) / q * q; }
 
@@ -152,10 +159,10 @@ struct Affine {
 };
 
 // The GEMM's right operand B (kc x cols, B[k, c] = src[k sk + c sc]) in the layout gemm()
-// reads: panels of kNR columns, each kc contiguous rows, zero-padded to ncols columns.
+// reads: panels of NR columns, each kc contiguous rows, zero-padded to ncols columns.
 template <class T>
-static void pack_panels(const T* src, int64_t sk, int64_t sc, int kc, int cols, int ncols, std::vector<T>& dst) {
-  constexpr int NR = kNR<T>;
+static void pack_panels(const T* src, int64_t sk, int64_t sc, int kc, int cols, int ncols, int NR,
+                        std::vector<T>& dst) {
   dst.resize((size_t)kc * ncols);
   for (int p = 0; p < ncols; p += NR) {
     T* panel = dst.data() + (size_t)p * kc;
@@ -181,6 +188,8 @@ struct Part {
 // since the weights (values and addresses) may change between calls.
 template <class T>
 struct Program {
+  int isa = kIsaBaseline;  // the compute copy that runs it (its panel width shapes the packing)
+  int nr = 0;              // that copy's panel width (kPanel)
   const Tables* tbp = nullptr;
   int n = 0;
   std::vector<int> kinds;  // per stage: kAffineStage, kSkipStage or an activation code
@@ -237,6 +246,19 @@ struct Outputs {
 // ------------------------------------------------------------------------------------
 // The compute, twice.
 
+#define NND_VBYTES 64
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
+namespace nnd {
+namespace avx512 {
+constexpr bool kVectorExp = true;
+#include "mlp_taylor_impl.inc"
+}  // namespace avx512
+}  // namespace nnd
+#pragma GCC pop_options
+#undef NND_VBYTES
+
+#define NND_VBYTES 32
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace nnd {
@@ -253,16 +275,49 @@ constexpr bool kVectorExp = true;
 #include "mlp_taylor_impl.inc"
 }  // namespace generic
 }  // namespace nnd
+#undef NND_VBYTES
 
 namespace nnd {
 
-static bool use_avx2() {
-  static const bool yes = [] {
+// The widest compute copy this CPU runs.
+static int detected_isa() {
+  static const int found = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return (int)kIsaBaseline;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+      return (int)kIsaAvx512;
+    return (int)kIsaAvx2;
   }();
-  return yes;
+  return found;
 }
+
+// The copy new calls run: the detected one unless NnderivMlpTaylorSetIsa chose a narrower one.
+static std::atomic<int> g_isa{-1};
+static int current_isa() {
+  const int v = g_isa.load(std::memory_order_relaxed);
+  return v >= 0 ? v : detected_isa();
+}
+
+template <class T>
+static int panel_width(int isa) {
+  return isa == kIsaAvx512 ? avx512::kPanel<T> : isa == kIsaAvx2 ? avx2::kPanel<T> : generic::kPanel<T>;
+}
+
+// Calls f on the compute copy isa names, e.g. NND_DISPATCH(P.isa, run_points<T>(...)).
+#define NND_DISPATCH(isa, ...)    \
+  do {                            \
+    switch (isa) {                \
+      case kIsaAvx512:            \
+        avx512::__VA_ARGS__;      \
+        break;                    \
+      case kIsaAvx2:              \
+        avx2::__VA_ARGS__;        \
+        break;                    \
+      default:                    \
+        generic::__VA_ARGS__;     \
+    }                             \
+  } while (0)
 
 // ------------------------------------------------------------------------------------
 // A persistent thread pool: workers sleep on a condition variable; parallel_for hands
@@ -431,8 +486,8 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
   for (int s = P.first_act + 1; s < P.last_act; ++s) {
     if (P.kinds[s] != kAffineStage) continue;
     Affine<T>& a = P.affine[s];
-    a.ldbt = round_up(a.in, kNR<T>);
-    pack_panels<T>(a.W, 1, a.out, a.out, a.in, (int)a.ldbt, a.Bt);  // B[k, c] = W[c, k]
+    a.ldbt = round_up(a.in, P.nr);
+    pack_panels<T>(a.W, 1, a.out, a.out, a.in, (int)a.ldbt, P.nr, a.Bt);  // B[k, c] = W[c, k]
   }
   // C = (W_last ... W_first-after)^T, from the identity (n x n) backwards: C <- C W^T.
   std::vector<T>& C = P.Cadj;
@@ -450,8 +505,8 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
     C.swap(P.R2);
   }
   const int w = P.width[P.first_act];
-  P.mpad = round_up(m, kNR<T>);
-  pack_panels<T>(R, 1, ld, w, m, (int)P.mpad, P.Rt);  // B[u, j] = R[j, u]
+  P.mpad = round_up(m, P.nr);
+  pack_panels<T>(R, 1, ld, w, m, (int)P.mpad, P.nr, P.Rt);  // B[u, j] = R[j, u]
   // A tile's stacks (forward, slopes, adjoints) in about 192 KB.
   const int64_t per_point =
       ((2 + P.nacts + 2 * n) * (int64_t)P.Kf * ld + (int64_t)n * P.Kf * P.mpad) * (int64_t)sizeof(T);
@@ -482,11 +537,11 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     a.b = c.b[ai] ? c.b[ai] + c.slice_of(c.bstride, first, slice) * (int64_t)a.out : nullptr;
     ++ai;
     widest = std::max(widest, a.out);
-    a.ncols = round_up(a.out, kNR<T>);
+    a.ncols = round_up(a.out, P.nr);
     a.narrow = false;
     a.Wt = nullptr;
     if (s < P.first_act) continue;  // leading layers: applied to the values only
-    a.narrow = a.out < kNR<T>;
+    a.narrow = a.out < kNarrowBelow<T>;
     if (a.narrow) {
       if (a.out == 1) {
         a.Wt = a.W;  // (in, 1) is its own transpose
@@ -497,10 +552,10 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
         a.Wt = a.Wtbuf.data();
       }
     } else {
-      pack_panels<T>(a.W, a.out, 1, a.in, a.out, a.ncols, a.B);
+      pack_panels<T>(a.W, a.out, 1, a.in, a.out, a.ncols, P.nr, a.B);
     }
   }
-  const int64_t ld = round_up(widest, kNR<T>);
+  const int64_t ld = round_up(widest, P.nr);
   P.maxld = ld;
   if (P.Rp.size() < (size_t)tb.K * ld) P.Rp.resize((size_t)tb.K * ld);
   // The constant rows R (m x w) after the leading affine layers, as rows 1..m of Rp, and
@@ -511,10 +566,7 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     // One leading layer: R = W.
     const Affine<T>& a = P.affine[0];
     w = a.out;
-    if (use_avx2())
-      avx2::constant_rows<T>(a.W, m, w, R, ld, round_up(w, kNR<T>));
-    else
-      generic::constant_rows<T>(a.W, m, w, R, ld, round_up(w, kNR<T>));
+    NND_DISPATCH(P.isa, constant_rows<T>(a.W, m, w, R, ld, round_up(w, P.nr)));
   } else {
     const size_t msz = (size_t)m * ld;
     P.R.assign(msz, T(0));
@@ -530,14 +582,11 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
       std::swap(P.R, P.R2);
       w = a.out;
     }
-    const int rw = round_up(w, kNR<T>);
+    const int rw = round_up(w, P.nr);
     for (int j = 0; j < m; ++j) std::memcpy(R + (int64_t)j * ld, &P.R[(size_t)j * ld], sizeof(T) * rw);
   }
-  const int rw = round_up(w, kNR<T>);
-  if (use_avx2())
-    avx2::constant_products<T>(tb, P.Rp.data(), ld, rw);
-  else
-    generic::constant_products<T>(tb, P.Rp.data(), ld, rw);
+  const int rw = round_up(w, P.nr);
+  NND_DISPATCH(P.isa, constant_products<T>(tb, P.Rp.data(), ld, rw));
   if (P.fwdrev) {
     prepare_fwdrev<T>(P, R, ld);
     return;
@@ -553,16 +602,10 @@ static void run_range(const Program<T>& P, const T* x, const Outputs<T>& out, in
   thread_local std::vector<T> work;
   const size_t need = P.work_size();
   if (work.size() < need) work.assign(need, T(0));
-  if (P.fwdrev) {
-    if (use_avx2())
-      avx2::run_points_fwdrev<T>(P, x, out, b0, b1, work.data());
-    else
-      generic::run_points_fwdrev<T>(P, x, out, b0, b1, work.data());
-  } else if (use_avx2()) {
-    avx2::run_points<T>(P, x, out, b0, b1, work.data());
-  } else {
-    generic::run_points<T>(P, x, out, b0, b1, work.data());
-  }
+  if (P.fwdrev)
+    NND_DISPATCH(P.isa, run_points_fwdrev<T>(P, x, out, b0, b1, work.data()));
+  else
+    NND_DISPATCH(P.isa, run_points<T>(P, x, out, b0, b1, work.data()));
 }
 
 template <class T>
@@ -653,6 +696,8 @@ static void run_call(const Call<T>& c) {
   const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
   const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
   thread_local Program<T> P;  // this thread's, reused (see Program)
+  P.isa = current_isa();
+  P.nr = panel_width<T>(P.isa);
   // Forward-over-reverse needs an activation to sweep back through; without one the
   // network is affine and the forward recursion is exact and as cheap.
   bool any_act = false;
@@ -870,5 +915,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnderivMlpTaylor, nnd::MlpTaylorImpl,
                                   .Attr<int64_t>("full")
                                   .Attr<int64_t>("algorithm"));
 
-// For tests and status reports: which compute copy this CPU runs.
-extern "C" int NnderivMlpTaylorIsa() { return nnd::use_avx2() ? 2 : 0; }
+// For tests and status reports: which compute copy new calls run (an nnd::Isa value).
+extern "C" int NnderivMlpTaylorIsa() { return nnd::current_isa(); }
+
+// Makes new calls run the copy `isa` names (an nnd::Isa value) if this CPU runs it, else
+// the widest copy below it; -1 restores the detected one. Returns the copy now in use.
+// For comparing the copies on one machine (tests, NNDERIV_NATIVE_ISA); not during a call.
+extern "C" int NnderivMlpTaylorSetIsa(int isa) {
+  using namespace nnd;
+  int v = isa < 0 ? detected_isa() : std::min(isa, detected_isa());
+  if (v != kIsaAvx512 && v != kIsaAvx2) v = kIsaBaseline;
+  g_isa.store(v, std::memory_order_relaxed);
+  return v;
+}

@@ -145,9 +145,12 @@ def fingerprint() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
+    from .. import _cpu
+
     device = jax.devices()[0]
     return {
         "cpu": _cpu_model(),
+        "cpu_id": _cpu.identity(),
         "cores": usable,
         "machine": platform.machine(),
         "backend": device.platform,
