@@ -460,3 +460,40 @@ def test_every_compute_copy_matches_xla(isa, algorithm):
         x = jnp.asarray(rng.standard_normal((50, 3)), jnp.float32)
         _check(stages, x, 3, "full", dtype="float32", label=f"{isa} {algorithm} float32", algorithm=algorithm)
     assert _native.status()["isa"] == _native._isa_name(_native._state.lib.NnderivMlpTaylorIsa())
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_kept_programs_follow_changing_weights(algorithm):
+    # The kernel keeps what it packed from a network's baked-in weights for the next call
+    # of the same network. It must see new values, also in a buffer at the same address
+    # (W * s is a temporary of the caller's program, allocated alike on every call), and
+    # keep more networks of one structure apart than it has room for (5 > 4 per thread).
+    base = _stages(3, (24, 24), 2, "tanh", jnp.float64, seed=3)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((5, 3)))
+
+    def scaled(scale):
+        return [
+            _network.RuntimeAffine(st.weight * scale, st.bias) if isinstance(st, _network.RuntimeAffine) else st
+            for st in base
+        ]
+
+    run = jax.jit(lambda scale, x: _native.native_derivatives(scaled(scale), x, 3, "packed", algorithm))
+    _, reused = _native._program_counts()
+    for scale in (1.0, 1.5, 1.5, 1.0, 0.5, 0.5, 1.0):
+        want = _native._xla_fields(scaled(jnp.float64(scale)), x, 3, False)
+        assert_derivatives_close(run(jnp.float64(scale), x), want, RTOL["float64"], f"scale {scale}")
+    assert _native._program_counts()[1] == reused  # traced weights: packed anew every call
+    nets = [_stages(3, (24, 24), 2, "tanh", jnp.float64, seed=s) for s in range(5)]
+    baked = [jax.jit(lambda x, st=st: _native.native_derivatives(st, x, 3, "packed", algorithm)) for st in nets]
+    wants = [_native._xla_fields(st, x, 3, False) for st in nets]
+    for i in [0, 1, 0, 2, 3, 4, 0, 1, 4, 4, 2]:
+        assert_derivatives_close(baked[i](x), wants[i], RTOL["float64"], f"net {i}")
+    # ... and does reuse: a steady-state call of a baked network packs nothing (each
+    # thread XLA runs it on keeps its own copy: warm them all first).
+    for _ in range(20):
+        jax.block_until_ready(baked[3](x))
+    built, reused = _native._program_counts()
+    for _ in range(10):
+        jax.block_until_ready(baked[3](x))
+    now_built, now_reused = _native._program_counts()
+    assert now_built + now_reused == built + reused + 10 and now_reused - reused >= 8

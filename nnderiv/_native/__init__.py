@@ -242,6 +242,15 @@ def _using_isa(name: str):
         _state.isa = _isa_name(lib.NnderivMlpTaylorSetIsa(ISAS[before]))
 
 
+def _program_counts() -> tuple[int, int]:
+    """(built, reused): kernel programs packed from the weights, and reused as kept (all threads)."""
+    if not load():
+        raise RuntimeError(f"the native kernel is not available: {_state.reason}")
+    out = (ctypes.c_uint64 * 2)()
+    _state.lib.NnderivMlpTaylorPrograms(out)
+    return int(out[0]), int(out[1])
+
+
 def status() -> dict:
     """The kernel's state: ``{"state": "available" | "disabled" | "failed" | "not loaded", ...}``.
 
@@ -298,6 +307,12 @@ class _Encoded:
     core: list  # the stages the kernel runs
     lead: list  # elementwise affine maps before them (applied to x), and after them
     trail: list
+
+    def weights(self) -> list:
+        """The weight matrices among the parameters (what the kernel packs)."""
+        from .. import _network
+
+        return [s.weight for s in self.core if isinstance(s, _network.RuntimeAffine)]
 
     @property
     def has_skip(self) -> bool:
@@ -478,6 +493,25 @@ def stages_outputs(stages, m: int) -> int:
 ALGORITHM_CODES = {"forward": 0, "fwdrev": 1}
 
 
+def _weights_token(weights) -> int:
+    """A digest of the weight matrices' values if all are concrete, else 0 (the kernel's weights_token).
+
+    Concrete weights at trace time are constants of the compiled program (``derivs_fn``
+    bakes them in), so every run of it sees these values: the kernel keeps what it packed
+    from them under the token (the biases are read where they are on each call). Traced
+    ones (parameters passed in, gradients, ensembles under ``vmap``) may change from call
+    to call: 0, packed anew each call.
+    """
+    if any(isinstance(w, jax.core.Tracer) for w in weights):
+        return 0
+    digest = hashlib.blake2b(digest_size=8)
+    for p in weights:
+        a = np.ascontiguousarray(np.asarray(p))
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return (int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)) or 1
+
+
 def native_derivatives(stages, x, order: int, layout: str = "packed", algorithm: str = "forward"):
     """The derivative fields of ``stages`` at ``x`` (B, m) from the native kernel, or None.
 
@@ -510,6 +544,7 @@ def native_derivatives(stages, x, order: int, layout: str = "packed", algorithm:
         order=np.int64(order),
         full=np.int64(full),
         algorithm=np.int64(ALGORITHM_CODES[algorithm]),
+        weights_token=np.int64(_weights_token(encoded.weights())),
     )
 
     @jax.custom_jvp

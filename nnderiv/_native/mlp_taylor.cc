@@ -30,7 +30,9 @@
 // unit, code): an activation stage listed there applies one activation per block of
 // units, from each first unit to the next; empty or (-1, 0, 0) when none), part_slopes
 // (float64 per triple), order (1..3), full (1: full symmetric tensors, 0: packed),
-// algorithm (0: forward, 1: forward-over-reverse; no skip stages).
+// algorithm (0: forward, 1: forward-over-reverse; no skip stages), weights_token (int64:
+// nonzero names the weight operands' values, which the caller promises are the same on
+// every call carrying this token, so what was packed from them is kept; 0: unknown).
 // Operands: x (..., B, m), then per affine stage its weight (..., in, out) and bias
 // (..., out) if it has one. Results: value (..., B, n),
 // jacobian (..., B, n, m), hessian (..., B, n, m, m) or (..., B, n, P2), third
@@ -183,11 +185,19 @@ struct Part {
   T slope = 0;
 };
 
-// A call's program. One per thread, reused from call to call (the vectors keep their
-// capacity: a steady-state call allocates nothing); prepare() refills it for each call,
-// since the weights (values and addresses) may change between calls.
+// A call's program. A few per thread, reused from call to call (the vectors keep their
+// capacity: a steady-state call allocates nothing). prepare() fills what derives from the
+// weights' values (packed panels, constant rows and products, adjoints). When the caller
+// names those values by a token (weights_token: a digest of weights that are constants of
+// the program, as derivs_fn bakes them in), the program is kept under the token and the
+// structure, and a later call of the same network reuses it. Addresses would not do (a
+// buffer may hold other values at the same address), nor would comparing the values
+// (measured: memcmp of a 64x3 net's 68 KB took a sixth of a one-point call).
 template <class T>
 struct Program {
+  bool reusable = false;     // key describes the derived data below
+  std::vector<int64_t> key;  // the token and the structure (see program_key)
+  uint64_t last_used = 0;
   int isa = kIsaBaseline;  // the compute copy that runs it (its panel width shapes the packing)
   int nr = 0;              // that copy's panel width (kPanel)
   const Tables* tbp = nullptr;
@@ -432,6 +442,7 @@ struct Call {
   int order = 0;
   bool full = false;
   bool fwdrev = false;  // the algorithm: forward-over-reverse, else forward
+  int64_t weights_token = 0;  // names the weights' values (0: unknown; see Program)
   std::vector<int64_t> kinds;
   std::vector<double> slopes;
   std::vector<int64_t> links;
@@ -513,8 +524,59 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
   P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (192 * 1024) / per_point));
 }
 
+// What the derived data of a program depends on besides the weights' values.
 template <class T>
-static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
+static void program_key(const Call<T>& c, int isa, bool fwdrev, std::vector<int64_t>& key) {
+  key.clear();
+  key.push_back(c.weights_token);
+  key.push_back(isa);
+  key.push_back(fwdrev);
+  key.push_back(c.order);
+  key.push_back(c.m);
+  key.push_back((int64_t)c.kinds.size());
+  key.insert(key.end(), c.kinds.begin(), c.kinds.end());
+  key.insert(key.end(), c.links.begin(), c.links.end());
+  key.insert(key.end(), c.ins.begin(), c.ins.end());
+  key.insert(key.end(), c.outs.begin(), c.outs.end());
+}
+
+// Programs kept per thread (networks alternating in one simulation step each keep theirs).
+constexpr int kKeptPrograms = 4;
+// Programs built and reused, all threads (NnderivMlpTaylorPrograms: for tests and profiles).
+static std::atomic<uint64_t> g_built{0}, g_reused{0};
+
+// This thread's program for c: one built for the same token and structure if kept (*reuse
+// set), else the least recently used (to be rebuilt). shared: every slice has the same
+// weights (only then is there one program per call to keep).
+template <class T>
+static Program<T>& pick_program(const Call<T>& c, int isa, bool fwdrev, bool shared, bool* reuse) {
+  thread_local Program<T> kept[kKeptPrograms];
+  thread_local uint64_t clock = 0;
+  thread_local std::vector<int64_t> key;
+  ++clock;
+  *reuse = false;
+  program_key<T>(c, isa, fwdrev, key);
+  Program<T>* victim = &kept[0];
+  for (Program<T>& P : kept) {
+    if (shared && c.weights_token != 0 && P.reusable && P.key == key) {
+      P.last_used = clock;
+      *reuse = true;
+      g_reused.fetch_add(1, std::memory_order_relaxed);
+      return P;
+    }
+    if (P.last_used < victim->last_used) victim = &P;
+  }
+  victim->last_used = clock;
+  victim->reusable = false;
+  g_built.fetch_add(1, std::memory_order_relaxed);
+  victim->key.swap(key);
+  return *victim;
+}
+
+// Fills P for slice `slice` of c. reuse: P was built from these very weights (values) and
+// structure, only the addresses are set again.
+template <class T>
+static void prepare(Program<T>& P, const Call<T>& c, int64_t slice, bool reuse) {
   const Tables& tb = P.tb();
   const int m = tb.m;
   const int nstages = (int)P.kinds.size();
@@ -545,16 +607,19 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice) {
     if (a.narrow) {
       if (a.out == 1) {
         a.Wt = a.W;  // (in, 1) is its own transpose
+      } else if (reuse) {
+        a.Wt = a.Wtbuf.data();
       } else {
         a.Wtbuf.resize((size_t)a.out * a.in);
         for (int k = 0; k < a.in; ++k)
           for (int o = 0; o < a.out; ++o) a.Wtbuf[(size_t)o * a.in + k] = a.W[(size_t)k * a.out + o];
         a.Wt = a.Wtbuf.data();
       }
-    } else {
+    } else if (!reuse) {
       pack_panels<T>(a.W, a.out, 1, a.in, a.out, a.ncols, P.nr, a.B);
     }
   }
+  if (reuse) return;  // the rest derives from the weights' values and the structure alone
   const int64_t ld = round_up(widest, P.nr);
   P.maxld = ld;
   if (P.Rp.size() < (size_t)tb.K * ld) P.Rp.resize((size_t)tb.K * ld);
@@ -695,13 +760,15 @@ static void run_call(const Call<T>& c) {
 
   const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
   const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
-  thread_local Program<T> P;  // this thread's, reused (see Program)
-  P.isa = current_isa();
-  P.nr = panel_width<T>(P.isa);
   // Forward-over-reverse needs an activation to sweep back through; without one the
   // network is affine and the forward recursion is exact and as cheap.
   bool any_act = false;
   for (int64_t k : c.kinds) any_act = any_act || k >= 0;
+  const int isa = current_isa();
+  bool reuse = false;
+  Program<T>& P = pick_program<T>(c, isa, c.fwdrev && any_act, shared, &reuse);
+  P.isa = isa;
+  P.nr = panel_width<T>(isa);
   P.fwdrev = c.fwdrev && any_act;
   P.order_out = order;
   P.tbp = &tables_for(m, P.fwdrev ? order - 1 : order);
@@ -763,13 +830,16 @@ static void run_call(const Call<T>& c) {
     return o;
   };
   for (int k = 0; k <= std::min(order, 3); ++k) advise_huge_pages(c.res[k], sizeof(T) * S * Bp * sizes[k]);
+  if (shared) {  // one program for every slice
+    prepare<T>(P, c, 0, reuse);
+    P.reusable = c.weights_token != 0;
+  }
   if (shared && c.x_whole) {  // one batch of S * Bp points
-    prepare<T>(P, c, 0);
     run_batch<T>(P, c.x, outputs_at(0), S * Bp);
     return;
   }
   for (int64_t s = 0; s < S; ++s) {
-    prepare<T>(P, c, s);
+    if (!shared) prepare<T>(P, c, s, false);
     run_batch<T>(P, c.x + c.slice_of(c.xstride, 0, s) * Bp * m, outputs_at(s * Bp), Bp);
   }
 }
@@ -812,7 +882,7 @@ template <class T>
 static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                           ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, ffi::Span<const int64_t> links,
                           ffi::Span<const int64_t> parts, ffi::Span<const double> part_slopes, int order, bool full,
-                          bool fwdrev) {
+                          bool fwdrev, int64_t weights_token) {
   const auto xd = x.dimensions();
   if (xd.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
   thread_local Call<T> c;  // this thread's, reused: no allocation in steady state
@@ -822,6 +892,7 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   c.order = order;
   c.full = full;
   c.fwdrev = fwdrev;
+  c.weights_token = weights_token;
   const int64_t Bp = c.Bp;
   const int m = c.m;
   if ((int64_t)rets.size() != order + 1) return ffi::Error::InvalidArgument("expected order + 1 results");
@@ -884,16 +955,17 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
 static ffi::Error MlpTaylorImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets,
                                 ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes,
                                 ffi::Span<const int64_t> links, ffi::Span<const int64_t> parts,
-                                ffi::Span<const double> part_slopes, int64_t order, int64_t full, int64_t algorithm) {
+                                ffi::Span<const double> part_slopes, int64_t order, int64_t full, int64_t algorithm,
+                                int64_t weights_token) {
   if (order < 1 || order > 3) return ffi::Error::InvalidArgument("order must be 1, 2 or 3");
   if (algorithm != 0 && algorithm != 1) return ffi::Error::InvalidArgument("algorithm must be 0 or 1");
   switch (x.element_type()) {
     case ffi::DataType::F64:
       return compute<double>(x, args, rets, kinds, slopes, links, parts, part_slopes, (int)order, full != 0,
-                             algorithm == 1);
+                             algorithm == 1, weights_token);
     case ffi::DataType::F32:
       return compute<float>(x, args, rets, kinds, slopes, links, parts, part_slopes, (int)order, full != 0,
-                            algorithm == 1);
+                            algorithm == 1, weights_token);
     default:
       return ffi::Error::InvalidArgument("x must be float32 or float64");
   }
@@ -913,10 +985,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnderivMlpTaylor, nnd::MlpTaylorImpl,
                                   .Attr<ffi::Span<const double>>("part_slopes")
                                   .Attr<int64_t>("order")
                                   .Attr<int64_t>("full")
-                                  .Attr<int64_t>("algorithm"));
+                                  .Attr<int64_t>("algorithm")
+                                  .Attr<int64_t>("weights_token"));
 
 // For tests and status reports: which compute copy new calls run (an nnd::Isa value).
 extern "C" int NnderivMlpTaylorIsa() { return nnd::current_isa(); }
+
+// Programs built and reused so far (all threads): out[0] built, out[1] reused.
+extern "C" void NnderivMlpTaylorPrograms(uint64_t* out) {
+  out[0] = nnd::g_built.load(std::memory_order_relaxed);
+  out[1] = nnd::g_reused.load(std::memory_order_relaxed);
+}
 
 // Makes new calls run the copy `isa` names (an nnd::Isa value) if this CPU runs it, else
 // the widest copy below it; -1 restores the detected one. Returns the copy now in use.
