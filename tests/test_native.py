@@ -497,3 +497,20 @@ def test_kept_programs_follow_changing_weights(algorithm):
         jax.block_until_ready(baked[3](x))
     now_built, now_reused = _native._program_counts()
     assert now_built + now_reused == built + reused + 10 and now_reused - reused >= 8
+
+
+def test_weights_token_names_values_not_arrays():
+    # The token keys what the kernel keeps: equal for equal values (another array, another
+    # address), different for any other value, shape or dtype, and 0 while tracing.
+    rng = np.random.default_rng(0)
+    w = [np.asarray(rng.standard_normal((3, 8))), np.asarray(rng.standard_normal((8, 1)))]
+    token = _native._weights_token(w)
+    assert token > 0 and token == _native._weights_token([jnp.asarray(a.copy()) for a in w])
+    nudged = [w[0].copy(), w[1]]
+    nudged[0][2, 5] = np.nextafter(nudged[0][2, 5], np.inf)  # one ulp in one entry
+    assert _native._weights_token(nudged) != token
+    assert _native._weights_token([w[0].reshape(8, 3), w[1]]) != token
+    assert _native._weights_token([w[0].astype(np.float32), w[1]]) != token
+    seen = []
+    jax.jit(lambda a: seen.append(_native._weights_token([a, w[1]])) or a)(w[0])
+    assert seen == [0]
