@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 #: Assumed per-core L2 capacity where the host does not say (no sysfs: macOS, Windows).
@@ -83,12 +84,8 @@ def l2_bytes() -> int:
     return found if found is not None else FALLBACK_L2_PER_CORE * len(cpus)
 
 
-def identity_from_cpuinfo(text: str) -> dict[str, str]:
-    """The first processor's family, model, stepping and vector extensions in ``/proc/cpuinfo``.
-
-    A VM often shows every CPU generation under one model name (``AMD EPYC``); the family
-    and model numbers and the flags still tell an AVX2 core from an AVX-512 one.
-    """
+def _first_processor(text: str) -> dict[str, str]:
+    """The fields of the first processor's block of ``/proc/cpuinfo`` (keys lower-cased)."""
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -97,6 +94,16 @@ def identity_from_cpuinfo(text: str) -> dict[str, str]:
             continue
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def identity_from_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's family, model, stepping and vector extensions in ``/proc/cpuinfo``.
+
+    A VM often shows every CPU generation under one model name (``AMD EPYC``); the family
+    and model numbers and the flags still tell an AVX2 core from an AVX-512 one.
+    """
+    fields = _first_processor(text)
     flags = set((fields.get("flags") or fields.get("features") or "").split())
     out = {k: fields[k] for k in ("cpu family", "model", "stepping", "cpu part") if k in fields}
     out["vector"] = ",".join(f for f in VECTOR_FLAGS if f in flags)
@@ -104,9 +111,18 @@ def identity_from_cpuinfo(text: str) -> dict[str, str]:
 
 
 @functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # pragma: no cover - not Linux
+        return ""
+
+
 def identity() -> dict[str, str]:
     """:func:`identity_from_cpuinfo` of this host (empty fields where there is no ``/proc/cpuinfo``)."""
-    try:
-        return identity_from_cpuinfo(Path("/proc/cpuinfo").read_text())
-    except OSError:  # pragma: no cover - not Linux
-        return {"vector": ""}
+    return identity_from_cpuinfo(_cpuinfo())
+
+
+def model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else what the platform module says)."""
+    return _first_processor(_cpuinfo()).get("model name") or platform.processor() or platform.machine()

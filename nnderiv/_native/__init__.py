@@ -56,6 +56,7 @@ ENV_DIR = "NNDERIV_CACHE_DIR"
 ENV_ISA = "NNDERIV_NATIVE_ISA"
 #: The compute copies of the kernel by name, as the C++ side numbers them (``nnd::Isa``).
 ISAS = {"baseline": 0, "avx2+fma": 2, "avx512": 3}
+_ISA_NAMES = {code: name for name, code in ISAS.items()}
 TARGET = "nnderiv_mlp_taylor"
 _HERE = Path(__file__).resolve().parent
 SOURCES = (_HERE / "mlp_taylor.cc", _HERE / "mlp_taylor_impl.inc")
@@ -205,7 +206,7 @@ def load() -> bool:
 
 
 def _isa_name(code: int) -> str:
-    return {v: k for k, v in ISAS.items()}.get(code, "baseline")
+    return _ISA_NAMES.get(code, "baseline")
 
 
 def _apply_isa_request(lib) -> str:

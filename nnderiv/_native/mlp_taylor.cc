@@ -254,7 +254,7 @@ struct Outputs {
 }  // namespace nnd
 
 // ------------------------------------------------------------------------------------
-// The compute, twice.
+// The compute, three times.
 
 #define NND_VBYTES 64
 #pragma GCC push_options
@@ -524,7 +524,8 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
   P.tile = std::max<int64_t>(1, std::min<int64_t>(16, (192 * 1024) / per_point));
 }
 
-// What the derived data of a program depends on besides the weights' values.
+// Everything a program is built from besides the weights' values: the stage bookkeeping
+// (describe) and the derived data (prepare).
 template <class T>
 static void program_key(const Call<T>& c, int isa, bool fwdrev, std::vector<int64_t>& key) {
   key.clear();
@@ -538,6 +539,13 @@ static void program_key(const Call<T>& c, int isa, bool fwdrev, std::vector<int6
   key.insert(key.end(), c.links.begin(), c.links.end());
   key.insert(key.end(), c.ins.begin(), c.ins.end());
   key.insert(key.end(), c.outs.begin(), c.outs.end());
+  key.insert(key.end(), c.parts.begin(), c.parts.end());
+  for (const std::vector<double>* v : {&c.slopes, &c.part_slopes})
+    for (double d : *v) {
+      int64_t bits;
+      std::memcpy(&bits, &d, sizeof bits);
+      key.push_back(bits);
+    }
 }
 
 // Programs kept per thread (networks alternating in one simulation step each keep theirs).
@@ -748,32 +756,17 @@ static void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// The stage bookkeeping of a program for c (kinds, skip slots, activation parts): what
+// run_points reads besides the derived data. A reused program has it already.
 template <class T>
-static void run_call(const Call<T>& c) {
-  const int m = c.m, order = c.order;
-  const bool full = c.full;
-  const int64_t Bp = c.Bp, S = c.S;
-  const int n = c.outs.empty() ? m : c.outs.back();
-  bool shared = true;
-  for (int64_t st : c.wstride) shared = shared && st == 0;
-  for (int64_t st : c.bstride) shared = shared && st == 0;
-
-  const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
-  const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
-  // Forward-over-reverse needs an activation to sweep back through; without one the
-  // network is affine and the forward recursion is exact and as cheap.
-  bool any_act = false;
-  for (int64_t k : c.kinds) any_act = any_act || k >= 0;
-  const int isa = current_isa();
-  bool reuse = false;
-  Program<T>& P = pick_program<T>(c, isa, c.fwdrev && any_act, shared, &reuse);
+static void describe(Program<T>& P, const Call<T>& c, int isa, bool fwdrev) {
   P.isa = isa;
   P.nr = panel_width<T>(isa);
-  P.fwdrev = c.fwdrev && any_act;
-  P.order_out = order;
-  P.tbp = &tables_for(m, P.fwdrev ? order - 1 : order);
-  P.Kf = P.fwdrev && order == 1 ? 1 : P.tbp->K;
-  P.n = n;
+  P.fwdrev = fwdrev;
+  P.order_out = c.order;
+  P.tbp = &tables_for(c.m, P.fwdrev ? c.order - 1 : c.order);
+  P.Kf = P.fwdrev && c.order == 1 ? 1 : P.tbp->K;
+  P.n = c.outs.empty() ? c.m : c.outs.back();
   const int nst = (int)c.kinds.size();
   P.kinds.resize(nst);
   P.slopes.resize(nst);
@@ -817,6 +810,28 @@ static void run_call(const Call<T>& c) {
     if ((int)P.parts.size() == P.part_begin[s]) P.parts.push_back({0, P.kinds[s], P.slopes[s]});
   }
   P.part_begin[nst] = (int)P.parts.size();
+}
+
+template <class T>
+static void run_call(const Call<T>& c) {
+  const int m = c.m, order = c.order;
+  const bool full = c.full;
+  const int64_t Bp = c.Bp, S = c.S;
+  const int n = c.outs.empty() ? m : c.outs.back();
+  bool shared = true;
+  for (int64_t st : c.wstride) shared = shared && st == 0;
+  for (int64_t st : c.bstride) shared = shared && st == 0;
+
+  const int P2 = order >= 2 ? (full ? m * m : m * (m + 1) / 2) : 0;
+  const int P3 = order >= 3 ? (full ? m * m * m : m * (m + 1) * (m + 2) / 6) : 0;
+  // Forward-over-reverse needs an activation to sweep back through; without one the
+  // network is affine and the forward recursion is exact and as cheap.
+  bool any_act = false;
+  for (int64_t k : c.kinds) any_act = any_act || k >= 0;
+  const int isa = current_isa();
+  bool reuse = false;
+  Program<T>& P = pick_program<T>(c, isa, c.fwdrev && any_act, shared, &reuse);
+  if (!reuse) describe<T>(P, c, isa, c.fwdrev && any_act);
 
   const int64_t sizes[4] = {n, (int64_t)n * m, (int64_t)n * P2, (int64_t)n * P3};
   auto outputs_at = [&](int64_t point0) {

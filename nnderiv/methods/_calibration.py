@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _cpu
+
 SCHEMA = "nnderiv-calibration/1"
 ENV_MODE = "NNDERIV_CALIBRATION"
 ENV_DIR = "NNDERIV_CACHE_DIR"
@@ -124,16 +126,6 @@ def cache_path() -> Path:
     return Path(base) / "calibration.json"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fingerprint() -> dict[str, Any]:
     """What the rates depend on: a cache written under another fingerprint is stale."""
     import jax
@@ -145,11 +137,9 @@ def fingerprint() -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
-    from .. import _cpu
-
     device = jax.devices()[0]
     return {
-        "cpu": _cpu_model(),
+        "cpu": _cpu.model_name(),
         "cpu_id": _cpu.identity(),
         "cores": usable,
         "machine": platform.machine(),
