@@ -613,6 +613,18 @@ def runtime_stages(net: Network, structure: MLPStructure, dtype, leaves=None) ->
     program's inputs (default: those of ``net``).
     """
     leaves = jax.tree_util.tree_leaves(net.params) if leaves is None else leaves
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        # Concrete parameters (a derivs_fn bakes them in): evaluated now, even while a jit
+        # traces, so the stages hold concrete weights: XLA gets them as constants and the
+        # native kernel can key what it packs from them by their values (weights_token).
+        # Staged, every cast or transpose would make them tracers and the kernel would
+        # repack them on every call.
+        with jax.ensure_compile_time_eval():
+            return _runtime_stages(structure, leaves, dtype)
+    return _runtime_stages(structure, leaves, dtype)
+
+
+def _runtime_stages(structure: MLPStructure, leaves, dtype) -> list:
     env = dict(zip(structure.program.inputs[:-1], leaves))
     for eqn in structure.prologue:
         values = [i.value if isinstance(i, _jaxpr.FlatLiteral) else env[i] for i in eqn.inputs]

@@ -499,6 +499,33 @@ def test_kept_programs_follow_changing_weights(algorithm):
     assert now_built + now_reused == built + reused + 10 and now_reused - reused >= 8
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_derivs_fn_keeps_its_program_with_float32_parameters(algorithm):
+    # Flax keeps float32 parameters under x64 by default; evaluating in float64 casts them.
+    # The cast must happen while tracing, on concrete values, so the kernel gets baked-in
+    # weights it can key by value: a steady-state call (one point, as in a simulation
+    # loop, also inside the caller's jit) packs nothing. Staged, the cast made the weights
+    # tracers and every call repacked them.
+    module = nnderiv.MLP((24, 24), 2, "tanh")
+    variables = module.init(jax.random.PRNGKey(0), jnp.ones((1, 3), jnp.float32))
+    assert jax.tree_util.tree_leaves(variables)[0].dtype == jnp.float32
+    net = nnderiv.from_flax(module, variables)
+    derivs = nnderiv.derivs_fn(net, 3, algorithm)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal(3))
+    step = jax.jit(lambda p: p + 1e-3 * derivs(p).third.sum())
+    for _ in range(20):  # warm every thread XLA runs the call on
+        jax.block_until_ready(step(x))
+        jax.block_until_ready(derivs(x))
+    built, reused = _native._program_counts()
+    for _ in range(10):
+        jax.block_until_ready(step(x))
+        jax.block_until_ready(derivs(x))
+    now_built, now_reused = _native._program_counts()
+    assert now_built + now_reused == built + reused + 20 and now_reused - reused >= 16
+    want = nnderiv.derivatives(net, x[None], 3, "nested")
+    assert_derivatives_close(derivs(x[None]), want, RTOL["float64"], f"float32 parameters, {algorithm}")
+
+
 def test_weights_token_names_values_not_arrays():
     # The token keys what the kernel keeps: equal for equal values (another array, another
     # address), different for any other value, shape or dtype, and 0 while tracing.
