@@ -479,8 +479,8 @@ def applies(stages, x, order: int, algorithm: str = "forward") -> bool:
     encoded = _encode(stages)
     if encoded is None or any(jnp.dtype(p.dtype) != jnp.dtype(x.dtype) for p in encoded.params):
         return False
-    if algorithm == "fwdrev" and encoded.has_skip:
-        return False  # the kernel's reverse sweep has no fan-out
+    if algorithm in ("fwdrev", "fwdadj") and encoded.has_skip:
+        return False  # the kernel's reverse sweeps have no fan-out
     return load()
 
 
@@ -491,7 +491,7 @@ def stages_outputs(stages, m: int) -> int:
 
 
 #: The kernel's algorithms, as its ``algorithm`` attribute encodes them.
-ALGORITHM_CODES = {"forward": 0, "fwdrev": 1}
+ALGORITHM_CODES = {"forward": 0, "fwdrev": 1, "fwdadj": 2}
 
 
 def _weights_token(weights) -> int:

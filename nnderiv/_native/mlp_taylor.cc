@@ -19,6 +19,10 @@
 // the same recursion to order 2, keeps each activation's slope stack, and sweeps the n
 // output adjoints back through the layers as stacks of the same order.
 //
+// Forward with the top order by adjoint (for every n: C(m+2,2) + 1 + n columns in the
+// hidden layers' matmuls) propagates the stacks without their top-order rows and adds the
+// top order of the outputs from first-order adjoints (see run_points_fwdadj).
+//
 // The compute (mlp_taylor_impl.inc) is compiled three times, for AVX-512 (512-bit vectors:
 // twice the FMA width of AVX2 on cores with full-width units, such as Zen 4/5 and Xeon),
 // AVX2+FMA and the baseline target; __builtin_cpu_supports picks the widest at run time.
@@ -30,7 +34,8 @@
 // unit, code): an activation stage listed there applies one activation per block of
 // units, from each first unit to the next; empty or (-1, 0, 0) when none), part_slopes
 // (float64 per triple), order (1..3), full (1: full symmetric tensors, 0: packed),
-// algorithm (0: forward, 1: forward-over-reverse; no skip stages), weights_token (int64:
+// algorithm (0: forward, 1: forward-over-reverse, 2: forward with the top order by
+// adjoint; 1 and 2 take no skip stages), weights_token (int64:
 // nonzero names the weight operands' values, which the caller promises are the same on
 // every call carrying this token, so what was packed from them is kept; 0: unknown).
 // Operands: x (..., B, m), then per affine stage its weight (..., in, out) and bias
@@ -220,8 +225,11 @@ struct Program {
   std::vector<int> width;  // per stage: its output width
 
   // Forward-over-reverse (fwdrev true): tbp holds the tables of the inner order
-  // (order_out - 1) and a stack has Kf rows.
+  // (order_out - 1) and a stack has Kf rows. Forward with the top order by adjoint
+  // (fwdadj true): tbp holds the tables of order_out, the hidden layers' matmuls carry the
+  // Kf rows below the top order, and the adjoint fields below serve its pre-pass too.
   bool fwdrev = false;
+  bool fwdadj = false;
   int order_out = 0;
   int Kf = 0;
   int last_act = 0;          // index of the last activation
@@ -232,7 +240,11 @@ struct Program {
   int64_t mpad = 0;          // m rounded up to the micro-kernel's columns
 
   const Tables& tb() const { return *tbp; }
+  int top_rows() const { return tbp->K - Kf; }  // fwdadj: the stack's top-order rows
   size_t work_size() const {
+    if (fwdadj)
+      return (size_t)((2 * tbp->K + 4 + nacts * (4 + n) + 2 * n) * tile * maxld +
+                      (tile * 16 + 1) * top_rows() * n + (4 + tbp->P2) * maxld);
     if (fwdrev)
       return (size_t)((2 + nacts + 2 * n) * tile * Kf * maxld + tile * n * Kf * mpad + 2 * tile * maxld +
                       4 * maxld);
@@ -441,7 +453,7 @@ struct Call {
   bool x_whole = false;  // x has every leading dim: its slices are the results' slices
   int order = 0;
   bool full = false;
-  bool fwdrev = false;  // the algorithm: forward-over-reverse, else forward
+  int algorithm = 0;  // 0: forward, 1: forward-over-reverse, 2: forward with the top order by adjoint
   int64_t weights_token = 0;  // names the weights' values (0: unknown; see Program)
   std::vector<int64_t> kinds;
   std::vector<double> slopes;
@@ -480,12 +492,11 @@ struct Call {
   }
 };
 
-// What forward-over-reverse adds to prepare(): the transposed weights of the hidden
-// layers, the constant adjoint after the last activation, the constant rows transposed.
-// R: the constant rows (m rows, ld apart) of the first activation.
+// What both adjoint algorithms add to prepare(): each activation's slot, the transposed
+// weights of the hidden layers, the constant adjoint after the last activation.
 template <class T>
-static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
-  const int nstages = (int)P.kinds.size(), m = P.tb().m, n = P.n;
+static void prepare_adjoints(Program<T>& P, int64_t ld) {
+  const int nstages = (int)P.kinds.size(), n = P.n;
   P.last_act = P.first_act;
   P.nacts = 0;
   P.gslot.assign(nstages, -1);
@@ -515,6 +526,14 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
       }
     C.swap(P.R2);
   }
+}
+
+// What forward-over-reverse adds to prepare(): the adjoints' data, the constant rows
+// transposed. R: the constant rows (m rows, ld apart) of the first activation.
+template <class T>
+static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
+  const int m = P.tb().m, n = P.n;
+  prepare_adjoints<T>(P, ld);
   const int w = P.width[P.first_act];
   P.mpad = round_up(m, P.nr);
   pack_panels<T>(R, 1, ld, w, m, (int)P.mpad, P.nr, P.Rt);  // B[u, j] = R[j, u]
@@ -527,11 +546,11 @@ static void prepare_fwdrev(Program<T>& P, const T* R, int64_t ld) {
 // Everything a program is built from besides the weights' values: the stage bookkeeping
 // (describe) and the derived data (prepare).
 template <class T>
-static void program_key(const Call<T>& c, int isa, bool fwdrev, std::vector<int64_t>& key) {
+static void program_key(const Call<T>& c, int isa, int algorithm, std::vector<int64_t>& key) {
   key.clear();
   key.push_back(c.weights_token);
   key.push_back(isa);
-  key.push_back(fwdrev);
+  key.push_back(algorithm);
   key.push_back(c.order);
   key.push_back(c.m);
   key.push_back((int64_t)c.kinds.size());
@@ -557,13 +576,13 @@ static std::atomic<uint64_t> g_built{0}, g_reused{0};
 // set), else the least recently used (to be rebuilt). shared: every slice has the same
 // weights (only then is there one program per call to keep).
 template <class T>
-static Program<T>& pick_program(const Call<T>& c, int isa, bool fwdrev, bool shared, bool* reuse) {
+static Program<T>& pick_program(const Call<T>& c, int isa, int algorithm, bool shared, bool* reuse) {
   thread_local Program<T> kept[kKeptPrograms];
   thread_local uint64_t clock = 0;
   thread_local std::vector<int64_t> key;
   ++clock;
   *reuse = false;
-  program_key<T>(c, isa, fwdrev, key);
+  program_key<T>(c, isa, algorithm, key);
   Program<T>* victim = &kept[0];
   for (Program<T>& P : kept) {
     if (shared && c.weights_token != 0 && P.reusable && P.key == key) {
@@ -664,6 +683,17 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice, bool reuse) 
     prepare_fwdrev<T>(P, R, ld);
     return;
   }
+  if (P.fwdadj) {
+    prepare_adjoints<T>(P, ld);
+    // A tile's stacks, values, slopes and adjoints in about 192 KB, but at least 6 points:
+    // the pre-pass multiplies one row per point (and n adjoints), and a matmul of fewer
+    // rows than the micro-kernel's 6 waits on its FMAs' latency (m = 3, 128 x 3, n = 1:
+    // one point per tile ran 1.2x slower than forward, 6 per tile 1.35x faster).
+    const int64_t per_point =
+        ((2 * tb.K + 4 + P.nacts * (4 + P.n) + 2 * P.n) * ld + 16 * (int64_t)P.top_rows() * P.n) * (int64_t)sizeof(T);
+    P.tile = std::max<int64_t>(6, std::min<int64_t>(16, (192 * 1024) / per_point));
+    return;
+  }
   // A tile's two stacks (and those kept for skip stages) in about 96 KB (L2-resident; the
   // weights of a 64-wide layer are 32 KB).
   const int64_t per_point = (int64_t)tb.K * ld * (int64_t)sizeof(T) * (2 + P.nslots);
@@ -677,6 +707,8 @@ static void run_range(const Program<T>& P, const T* x, const Outputs<T>& out, in
   if (work.size() < need) work.assign(need, T(0));
   if (P.fwdrev)
     NND_DISPATCH(P.isa, run_points_fwdrev<T>(P, x, out, b0, b1, work.data()));
+  else if (P.fwdadj)
+    NND_DISPATCH(P.isa, run_points_fwdadj<T>(P, x, out, b0, b1, work.data()));
   else
     NND_DISPATCH(P.isa, run_points<T>(P, x, out, b0, b1, work.data()));
 }
@@ -688,6 +720,12 @@ static double flops_per_point(const Program<T>& P) {
     for (int s = P.first_act + 1; s < P.last_act; ++s)
       if (P.kinds[s] == kAffineStage) f += 2.0 * (1 + P.n) * P.Kf * P.affine[s].in * P.affine[s].out;
     return f + 2.0 * P.n * P.Kf * P.width[P.first_act] * P.tb().m + 1.0;
+  }
+  if (P.fwdadj) {
+    for (size_t s = P.first_act + 1; s < P.kinds.size(); ++s)
+      if (P.kinds[s] == kAffineStage)
+        f += 2.0 * ((int)s < P.last_act ? P.Kf + 1 + P.n : P.tb().K) * P.affine[s].in * P.affine[s].out;
+    return f + 1.0;
   }
   for (size_t s = 0; s < P.kinds.size(); ++s)
     if (P.kinds[s] == kAffineStage && (int)s > P.first_act) f += 2.0 * P.tb().K * P.affine[s].in * P.affine[s].out;
@@ -759,13 +797,15 @@ static void advise_huge_pages(void* data, size_t bytes) {
 // The stage bookkeeping of a program for c (kinds, skip slots, activation parts): what
 // run_points reads besides the derived data. A reused program has it already.
 template <class T>
-static void describe(Program<T>& P, const Call<T>& c, int isa, bool fwdrev) {
+static void describe(Program<T>& P, const Call<T>& c, int isa, int algorithm) {
   P.isa = isa;
   P.nr = panel_width<T>(isa);
-  P.fwdrev = fwdrev;
+  P.fwdrev = algorithm == 1;
+  P.fwdadj = algorithm == 2;
   P.order_out = c.order;
   P.tbp = &tables_for(c.m, P.fwdrev ? c.order - 1 : c.order);
-  P.Kf = P.fwdrev && c.order == 1 ? 1 : P.tbp->K;
+  const int top_start[4] = {1, P.tbp->off1, P.tbp->off2, P.tbp->off3};
+  P.Kf = P.fwdrev && c.order == 1 ? 1 : P.fwdadj ? top_start[c.order] : P.tbp->K;
   P.n = c.outs.empty() ? c.m : c.outs.back();
   const int nst = (int)c.kinds.size();
   P.kinds.resize(nst);
@@ -830,8 +870,9 @@ static void run_call(const Call<T>& c) {
   for (int64_t k : c.kinds) any_act = any_act || k >= 0;
   const int isa = current_isa();
   bool reuse = false;
-  Program<T>& P = pick_program<T>(c, isa, c.fwdrev && any_act, shared, &reuse);
-  if (!reuse) describe<T>(P, c, isa, c.fwdrev && any_act);
+  const int algorithm = any_act ? c.algorithm : 0;
+  Program<T>& P = pick_program<T>(c, isa, algorithm, shared, &reuse);
+  if (!reuse) describe<T>(P, c, isa, algorithm);
 
   const int64_t sizes[4] = {n, (int64_t)n * m, (int64_t)n * P2, (int64_t)n * P3};
   auto outputs_at = [&](int64_t point0) {
@@ -863,7 +904,7 @@ static void run_call(const Call<T>& c) {
 // after the first activation (the kernel keeps stacks, not the leading values), parts
 // inside the stage, starting at its first unit, in order, with known codes.
 static const char* check_stages(ffi::Span<const int64_t> kinds, ffi::Span<const int64_t> links,
-                                ffi::Span<const int64_t> parts, ffi::Span<const double> part_slopes, bool fwdrev) {
+                                ffi::Span<const int64_t> parts, ffi::Span<const double> part_slopes, int algorithm) {
   const int64_t nst = (int64_t)kinds.size();
   int64_t first_act = nst;
   for (int64_t s = 0; s < nst; ++s)
@@ -875,7 +916,8 @@ static const char* check_stages(ffi::Span<const int64_t> kinds, ffi::Span<const 
     if (kinds[s] < -3) return "unknown stage kind";
     if (kinds[s] >= kNumActs) return "unknown activation code";
     if (kinds[s] != kSkipStage) continue;
-    if (fwdrev) return "forward-over-reverse takes no skip stage";
+    if (algorithm == 1) return "forward-over-reverse takes no skip stage";
+    if (algorithm == 2) return "forward with the top order by adjoint takes no skip stage";
     if ((int64_t)links.size() != nst) return "links must have one entry per stage";
     if (links[s] <= first_act || links[s] > s) return "a skip stage must add a value after the first activation";
   }
@@ -897,7 +939,7 @@ template <class T>
 static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& args, ffi::RemainingRets& rets,
                           ffi::Span<const int64_t> kinds, ffi::Span<const double> slopes, ffi::Span<const int64_t> links,
                           ffi::Span<const int64_t> parts, ffi::Span<const double> part_slopes, int order, bool full,
-                          bool fwdrev, int64_t weights_token) {
+                          int algorithm, int64_t weights_token) {
   const auto xd = x.dimensions();
   if (xd.size() < 2) return ffi::Error::InvalidArgument("x must have rank >= 2");
   thread_local Call<T> c;  // this thread's, reused: no allocation in steady state
@@ -906,7 +948,7 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   c.m = (int)xd[xd.size() - 1];
   c.order = order;
   c.full = full;
-  c.fwdrev = fwdrev;
+  c.algorithm = algorithm;
   c.weights_token = weights_token;
   const int64_t Bp = c.Bp;
   const int m = c.m;
@@ -927,7 +969,7 @@ static ffi::Error compute(const ffi::AnyBuffer& x, const ffi::RemainingArgs& arg
   if (m <= 0) return ffi::Error::InvalidArgument("x has no inputs");
   // Operands and their slice counts.
   size_t ai = 0;
-  if (const char* bad = check_stages(kinds, links, parts, part_slopes, fwdrev)) return ffi::Error::InvalidArgument(bad);
+  if (const char* bad = check_stages(kinds, links, parts, part_slopes, algorithm)) return ffi::Error::InvalidArgument(bad);
   for (size_t s = 0; s < kinds.size(); ++s) {
     if (kinds[s] >= 0 || kinds[s] == kSkipStage) continue;
     if (ai >= args.size()) return ffi::Error::InvalidArgument("missing weight operand");
@@ -973,14 +1015,14 @@ static ffi::Error MlpTaylorImpl(ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::
                                 ffi::Span<const double> part_slopes, int64_t order, int64_t full, int64_t algorithm,
                                 int64_t weights_token) {
   if (order < 1 || order > 3) return ffi::Error::InvalidArgument("order must be 1, 2 or 3");
-  if (algorithm != 0 && algorithm != 1) return ffi::Error::InvalidArgument("algorithm must be 0 or 1");
+  if (algorithm < 0 || algorithm > 2) return ffi::Error::InvalidArgument("algorithm must be 0, 1 or 2");
   switch (x.element_type()) {
     case ffi::DataType::F64:
       return compute<double>(x, args, rets, kinds, slopes, links, parts, part_slopes, (int)order, full != 0,
-                             algorithm == 1, weights_token);
+                             (int)algorithm, weights_token);
     case ffi::DataType::F32:
       return compute<float>(x, args, rets, kinds, slopes, links, parts, part_slopes, (int)order, full != 0,
-                            algorithm == 1, weights_token);
+                            (int)algorithm, weights_token);
     default:
       return ffi::Error::InvalidArgument("x must be float32 or float64");
   }
