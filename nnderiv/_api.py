@@ -126,9 +126,10 @@ def derivatives(
         first four also as ``value``, ``jacobian``, ``hessian``, ``third``). An order whose
         result and Taylor stacks would not fit in memory for the batch is refused before
         anything is traced, with the size needed and a ``batch_size`` that fits.
-      method: ``"analytic"`` (packed Taylor arithmetic: the forward or the
-        forward-over-reverse algorithm, whichever is predicted faster; both names can be
-        asked for directly as ``"forward"`` and ``"fwdrev"``. Both run on the Taylor
+      method: ``"analytic"`` (packed Taylor arithmetic: the forward, the
+        forward-over-reverse or the forward-with-adjoint algorithm, whichever is predicted
+        faster; each can be asked for directly as ``"forward"``, ``"fwdrev"`` or
+        ``"fwdadj"``, the last the native kernel's alone, forward elsewhere. They run on the Taylor
         engine, for any model made of supported primitives -- residual blocks,
         normalisation, Fourier features, output transforms -- and any order, and it names
         the primitive it cannot take; a layered model up to order 3 takes its fused path,

@@ -120,7 +120,7 @@ def test_order_zero_is_a_forward_pass_and_non_mlps_use_the_engine_or_nested():
     assert _cost.choose([(3, 16), (16, 1)], 3, 1, 0, "float64") == "forward"
     # Not an MLP, but made of supported primitives: one of the engine's algorithms.
     net = nnderiv.from_function(lambda p, x: jnp.sin(p * x).sum(keepdims=True), 2.0, input_dim=3)
-    assert choose(net, 3, jnp.float64, 3) in ("forward", "fwdrev")
+    assert choose(net, 3, jnp.float64, 3) in _cost.ANALYTIC
     # A primitive the engine refuses (sort): nested AD.
     net = nnderiv.from_function(lambda p, x: jnp.sort(jnp.sin(p * x))[:1], 2.0, input_dim=3)
     assert choose(net, 3, jnp.float64, 3) == "nested"
@@ -303,7 +303,7 @@ def test_a_method_is_an_init_and_a_compute_step():
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
     # analytic decides among the Taylor algorithms only
-    assert METHODS["analytic"].init(net, 3, x.dtype, 3, 6).algorithm in ("forward", "fwdrev")
+    assert METHODS["analytic"].init(net, 3, x.dtype, 3, 6).algorithm in _cost.ANALYTIC
 
 
 def test_the_model_is_analysed_once_per_compilation(monkeypatch):
@@ -378,7 +378,7 @@ def test_close_candidates_are_timed_and_the_fastest_is_kept(measuring):
     x = points(3, (8,))
     model_pick = choose(net, 3, x.dtype, 3, 8)
     slowest_predicted = "nested" if model_pick != "nested" else "forward"
-    fake.update({"forward": 3.0, "fwdrev": 3.0, "nested": 3.0, slowest_predicted: 1.0})
+    fake.update({"forward": 3.0, "fwdrev": 3.0, "fwdadj": 3.0, "nested": 3.0, slowest_predicted: 1.0})
     derivs = nnderiv.derivs_fn(net, order=3)
     got = derivs(x)
     if slowest_predicted not in set(timed):
@@ -409,7 +409,7 @@ def test_measuring_is_off_for_one_off_calls_traced_parameters_and_mode_off(measu
     from nnderiv.methods import _measured
 
     _, fake, timed, _ = measuring
-    fake.update({"forward": 1.0, "fwdrev": 1.0, "nested": 1.0})
+    fake.update({"forward": 1.0, "fwdrev": 1.0, "fwdadj": 1.0, "nested": 1.0})
     net = _equal_rates_net()
     x = points(3, (8,))
     nnderiv.derivatives(net, x)  # one call: the cost model decides
@@ -427,7 +427,7 @@ def test_a_failing_candidate_leaves_the_cost_models_choice(measuring):
     net = _equal_rates_net()
     x = points(3, (8,))
     model_pick = choose(net, 3, x.dtype, 3, 8)
-    fake.update({"forward": 1.0, "fwdrev": 1.0, "nested": None})  # nested raises
+    fake.update({"forward": 1.0, "fwdrev": 1.0, "fwdadj": 1.0, "nested": None})  # nested raises
     nnderiv.derivs_fn(net, 3)(x)
     assert choose(net, 3, x.dtype, 3, 8) == model_pick
 
@@ -446,7 +446,7 @@ def test_candidates_are_timed_in_the_callers_precision(measuring):
     import jax
 
     _, fake, timed, dtypes = measuring
-    fake.update({"forward": 1.0, "fwdrev": 2.0, "nested": 3.0})
+    fake.update({"forward": 1.0, "fwdrev": 2.0, "fwdadj": 2.5, "nested": 3.0})
     net = _equal_rates_net()
     was = bool(jax.config.jax_enable_x64)
     jax.config.update("jax_enable_x64", False)
@@ -480,7 +480,7 @@ def test_candidates_are_timed_computing_the_callers_layout():
 
 def test_a_choice_measured_for_one_layout_is_not_used_for_the_other(measuring):
     _, fake, timed, _ = measuring
-    fake.update({"forward": 1.0, "fwdrev": 1.0, "nested": 1.0})
+    fake.update({"forward": 1.0, "fwdrev": 1.0, "fwdadj": 1.0, "nested": 1.0})
     net = _equal_rates_net()
     x = points(3, (8,))
     nnderiv.derivs_fn(net, 3, layout="full")(x)

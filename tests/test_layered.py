@@ -147,8 +147,9 @@ def test_kernels_match_nested(name):
     native = _plan.native_applies(net, analysis, 3, 6)
     assert ("forward" in native) == (name in NATIVE_FORWARD)
     assert ("fwdrev" in native) == (name in NATIVE_FWDREV)
-    # analytic is one of the two; auto is checked where it decides, with the native kernel.
-    runs = [(a, native) for a in ("forward", "fwdrev") for native in (True, False)] + [("auto", True)]
+    assert ("fwdadj" in native) == (name in NATIVE_FWDREV)  # both adjoint sweeps take no skip stage
+    # analytic is one of the three; auto is checked where it decides, with the native kernel.
+    runs = [(a, native) for a in _plan.TAYLOR for native in (True, False)] + [("auto", True)]
     for method, use_native in runs:
         context = contextlib.nullcontext() if use_native else _native.disabled()
         with context:
@@ -166,10 +167,10 @@ def test_native_matches_xla(name, order):
     analysis = _plan.analyse(net, m, jnp.float64)
     stages = analysis.stages(net)
     x = _models.points(m, (37,), scale=0.8)  # several tiles, a partial last one
-    for algorithm in ("forward", "fwdrev"):
+    for algorithm in _plan.TAYLOR:
         for layout in ("packed", "full"):
             got = _native.native_derivatives(stages, x, order, layout, algorithm)
-            if algorithm == "fwdrev" and name not in NATIVE_FWDREV:
+            if algorithm in ("fwdrev", "fwdadj") and name not in NATIVE_FWDREV:
                 assert got is None
                 continue
             want = _native._xla_fields(stages, x, order, layout == "full", algorithm)
@@ -318,11 +319,11 @@ def test_elementwise_affine_maps(name):
     net = nnderiv.from_function(fn, _params(6, shapes), input_dim=m, name=name)
     assert "elementwise affine map" in net.describe(m, jnp.float64)
     analysis = _plan.analyse(net, m, jnp.float64)
-    assert _plan.native_applies(net, analysis, 3, 5) == (("forward", "fwdrev") if native else ())
+    assert _plan.native_applies(net, analysis, 3, 5) == (_plan.TAYLOR if native else ())
     x = _models.points(m, (9,), scale=0.8)
     want = nnderiv.derivatives(net, x, 3, method="nested")
     stages = analysis.stages(net)
-    for method in ("forward", "fwdrev"):
+    for method in _plan.TAYLOR:
         for layout in ("full", "packed"):
             got = jax.jit(lambda x: nnderiv._api._derivatives(net, x, 3, method, layout))(x)
             assert_derivatives_close(got.as_layout("full"), want, RTOL, f"{name} {method} {layout}")

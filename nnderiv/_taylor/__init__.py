@@ -40,6 +40,7 @@ __all__ = [
     "Counter",
     "UnsupportedModelError",
     "forward",
+    "fwdadj",
     "fwdrev",
     "jacobian_program",
     "layered_prefix",
@@ -201,6 +202,28 @@ def fwdrev(
     chunk = chunk or chunk_size(program, m, order - 1, x.dtype.itemsize, x.shape[0])
     fields = _batched(lambda u: _fwdrev_point(program, leaves, u, order), x, chunk)
     return Derivatives(*fields, layout="packed", m=m)
+
+
+def fwdadj(
+    net: _network.Network, x: jax.Array, order: int, chunk: int | None = None, fused: bool = True
+) -> Derivatives:
+    """Forward with the top order by adjoint on a batch ``x`` (B, m): the native kernel's
+    third algorithm (``nnderiv._native``, algorithm ``"fwdadj"``).
+
+    The top-order Taylor coefficient enters every later layer linearly, through the value
+    path's Jacobian: an activation's is ``s'(z) z_top + r`` with ``r`` made of lower orders
+    only. So the outputs' order-``k`` derivatives are ``sum_l A_l r_l``, ``A_l`` the
+    first-order adjoint at activation ``l``'s output, and the hidden layers' matmuls carry
+    only the ``C(m+k-1, k-1)`` coefficients below order ``k`` (plus the value and ``n``
+    adjoint rows of a pre-pass) instead of ``C(m+k, k)``. Where the native kernel does not
+    take the model (no C++ compiler, another backend, a model that is not layered, skip
+    connections, orders above 3) this is :func:`forward`: the same numbers up to rounding.
+    """
+    m = x.shape[-1]
+    structure = _layered_form(net, m, x.dtype, order) if fused else None
+    if structure is not None and order > 0:
+        return _layered.derivatives(net, structure, x, order, "fwdadj", chunk)
+    return forward(net, x, order, chunk, fused)
 
 
 def work(net: _network.Network, m: int, dtype, order: int) -> dict[str, float]:

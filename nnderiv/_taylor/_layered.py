@@ -200,9 +200,14 @@ _MIN_CHUNK, _MAX_CHUNK = 16, 512
 
 
 def columns(algorithm: str, m: int, n: int, order: int) -> int:
-    """Taylor columns per point and unit: C(m+k, k) forward, (1 + n) C(m+k-1, k-1) fwdrev."""
+    """Taylor columns per point and unit in the hidden layers: C(m+k, k) forward,
+    (1 + n) C(m+k-1, k-1) fwdrev, C(m+k-1, k-1) + 1 + n fwdadj (the stacks below the top
+    order, the pre-pass's value and its n adjoints; its layers after the last activation
+    carry forward's C(m+k, k))."""
     if algorithm == "forward":
         return sum(_blocks(m, order))
+    if algorithm == "fwdadj":
+        return sum(_blocks(m, order - 1)) + 1 + n
     return (1 + n) * sum(_blocks(m, order - 1))
 
 
@@ -224,8 +229,9 @@ def derivatives(net, structure, x: jax.Array, order: int, algorithm: str = "forw
     """Packed (or, from the native kernel, full) derivatives of a layered model at ``x`` (B, m).
 
     ``structure``: the model's layered form (``_network.mlp_structure``), orders 0-3.
-    ``algorithm``: ``"forward"`` or ``"fwdrev"``, on the native kernel where it applies,
-    else on XLA in cache-sized chunks.
+    ``algorithm``: ``"forward"``, ``"fwdrev"`` or ``"fwdadj"``, on the native kernel where
+    it applies, else on XLA in cache-sized chunks (``"fwdadj"``, the native kernel's
+    alone, then runs the forward recursion: the same numbers up to rounding).
     """
     from .. import _native
     from ._layered_fwdrev import fwdrev_kernel
@@ -239,6 +245,7 @@ def derivatives(net, structure, x: jax.Array, order: int, algorithm: str = "forw
     if native is not None:
         return Derivatives(*native, layout="full" if _native.is_full(native) else "packed", m=m)
     n = structure.output_dim
+    algorithm = "forward" if algorithm == "fwdadj" else algorithm
     chunk = chunk or chunk_size(algorithm, structure.affine_shapes, x.shape[0], m, n, order, x.dtype)
     if algorithm == "forward":
         kernel = lambda xs: tuple(unpack(forward_stack(stages, xs, order), m, order))  # noqa: E731

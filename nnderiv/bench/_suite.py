@@ -394,36 +394,40 @@ def merge_gemm(first: dict, second: dict) -> dict:
 
 
 def floor_terms(cfg: Config) -> dict[str, Any]:
-    """K and the matmul flops of the cheaper symmetric algorithm (see README)."""
+    """The matmul flops of the cheapest packed algorithm (see README), and its columns K."""
     from nnderiv.methods import _cost
 
-    k_forward = _cost.columns("forward", cfg.m, cfg.n, 3)  # value + all unique partials to order 3
-    k_fwdrev = _cost.columns("fwdrev", cfg.m, cfg.n, 3)  # forward to order 2, reverse per output
-    k = min(k_forward, k_fwdrev)
+    per_point = kernel_flops(cfg)
+    cheapest = min(_cost.ANALYTIC, key=per_point.__getitem__)
     macs = sum(i * o for i, o in cfg.layers[1:])
     return {
-        "K": k,
-        "K_forward": k_forward,
-        "K_fwdrev": k_fwdrev,
+        "algorithm": cheapest,
+        "K": per_point[cheapest] / (2 * macs) if macs else 0.0,  # columns per layer, on average
+        "K_forward": _cost.columns("forward", cfg.m, cfg.n, 3),  # value + all unique partials to order 3
+        "K_fwdrev": _cost.columns("fwdrev", cfg.m, cfg.n, 3),  # forward to order 2, reverse per output
+        "K_fwdadj": _cost.columns("fwdadj", cfg.m, cfg.n, 3),  # forward to order 2, the value, n adjoints
         "macs_after_first": macs,
-        "flops": 2 * cfg.batch * k * macs,
+        "flops": cfg.batch * per_point[cheapest],
     }
 
 
 def kernel_flops(cfg: Config) -> dict[str, float]:
-    """Matmul flops per point of each algorithm (forward, fwdrev, nested), unweighted."""
+    """Matmul flops per point of each algorithm (forward, fwdrev, fwdadj, nested), unweighted."""
     from nnderiv.methods import _cost
 
-    out = {}
-    for algorithm in _cost.ALGORITHMS:
-        p = _cost.columns(algorithm, cfg.m, cfg.n, 3)
-        layers = cfg.layers if algorithm == "nested" else cfg.layers[1:]
-        out[algorithm] = 2.0 * p * sum(i * o for i, o in layers)
-    return out
+    work = _cost.work(cfg.layers, cfg.m, cfg.n, 3, native=True)
+    return {algorithm: work[algorithm].flops for algorithm in _cost.ALGORITHMS}
 
 
 # What each benchmarked callable runs, in the cost model's terms (auto: its cheapest).
-_ALGORITHM_OF = {BASELINE: "nested", "jet": "jet", "forward": "forward", "fwdrev": "fwdrev", "nested": "nested"}
+_ALGORITHM_OF = {
+    BASELINE: "nested",
+    "jet": "jet",
+    "forward": "forward",
+    "fwdrev": "fwdrev",
+    "fwdadj": "fwdadj",
+    "nested": "nested",
+}
 
 
 def cost_estimate(method: str, cfg: Config, dtype: str) -> tuple[float, float]:
@@ -1166,7 +1170,7 @@ def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gem
         title=f"derivatives to order 3, {dtype}: µs per point (median ± IQR/median)",
         caption=(
             f"speedup: best of {{nested, jet, baseline}} / auto; vs nested: nested / auto; × floor: auto / matmul "
-            f"floor of the cheaper packed algorithm; × own floor: each algorithm / its own matmul flops "
+            f"floor of the cheapest packed algorithm; × own floor: each algorithm / its own matmul flops "
             f"(GEMM {gemm['peak_flop_per_s'] / 1e9:.1f} Gflop/s); dev: max rel. deviation from nested"
         ),
     )
@@ -1177,7 +1181,7 @@ def print_grid(console, entries: list[dict], dtype: str, methods: list[str], gem
     table.add_column("speedup", justify="right", no_wrap=True)
     table.add_column("vs nested", justify="right", no_wrap=True)
     table.add_column("× floor", justify="right", no_wrap=True)
-    table.add_column("× own floor fwd/fwdrev/nested", justify="right", no_wrap=True)
+    table.add_column("× own floor fwd/fwdrev/fwdadj/nested", justify="right", no_wrap=True)
     table.add_column("dev", justify="right", no_wrap=True)
     for e in entries:
         best = e["best_competitor"]

@@ -2,10 +2,11 @@
 and shape) and a ``compute`` (per batch) step; calling one, ``METHODS[name](net, x, order)``,
 runs both.
 
-``"forward"`` and ``"fwdrev"`` run one algorithm of the Taylor engine each (a layered
-model up to order 3 on its fused path, the native kernel where it applies); ``"analytic"``
-runs the faster of the two, ``"auto"`` the fastest of those and nested AD, as decided by
-:func:`select` (``_plan``); ``"jet"`` and ``"nested"`` are the references.
+``"forward"``, ``"fwdrev"`` and ``"fwdadj"`` run one algorithm of the Taylor engine each (a
+layered model up to order 3 on its fused path, the native kernel where it applies;
+``"fwdadj"`` is the native kernel's alone and runs forward's recursion elsewhere);
+``"analytic"`` runs the fastest of the three, ``"auto"`` the fastest of those and nested
+AD, as decided by :func:`select` (``_plan``); ``"jet"`` and ``"nested"`` are the references.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ._plan import (
     analytic_method,
     auto_method,
     forward_method,
+    fwdadj_method,
     fwdrev_method,
     jet_method_obj,
     nested_method,
@@ -33,7 +35,7 @@ def choose(net, m: int, dtype, order: int, batch: int = 1024, layout: str = "ful
     ``layout`` is the result's (as for :func:`nnderiv.derivs_fn`): it changes which
     algorithm is fastest, since the native kernel writes the full layout itself.
 
-    One of ``"forward"``, ``"fwdrev"`` and ``"nested"``: the cheapest by the cost model
+    One of ``"forward"``, ``"fwdrev"``, ``"fwdadj"`` and ``"nested"``: the cheapest by the cost model
     (:mod:`nnderiv.methods._cost` for MLPs, with this machine's rates; the engine's flop
     counts for other models), or the one measured fastest on this machine where a
     ``derivs_fn`` timed the close candidates before (:mod:`nnderiv.methods._measured`);
@@ -50,6 +52,7 @@ METHODS: dict[str, Method] = {
     "analytic": analytic_method,
     "forward": forward_method,
     "fwdrev": fwdrev_method,
+    "fwdadj": fwdadj_method,
     "jet": jet_method_obj,
     "nested": nested_method,
 }

@@ -4,6 +4,8 @@ Every algorithm pushes a number of *columns* per point through each layer:
 
     forward  C(m+k, k)                (value, gradient, packed orders 2..k)
     fwdrev   (1 + n) C(m+k-1, k-1)    (forward to order k-1, n reverse sweeps)
+    fwdadj   C(m+k-1, k-1) + 1 + n    (forward to order k-1, the top order by n first-order
+                                       adjoints; forward's columns after the last activation)
     nested   (1 + n) (1 + m)^(k-1)    (jacrev, then jacfwd k-1 times; no symmetry)
 
 for order ``k``. The analytic kernels skip the first layer's matmul (its Taylor
@@ -31,8 +33,8 @@ from math import comb
 from .._taylor import _layered
 from . import _calibration
 
-ALGORITHMS = ("forward", "fwdrev", "nested")
-ANALYTIC = ("forward", "fwdrev")
+ALGORITHMS = ("forward", "fwdrev", "fwdadj", "nested")
+ANALYTIC = ("forward", "fwdrev", "fwdadj")
 
 
 # Elementwise cost per coefficient element, in fused multiply-add passes (constants of
@@ -55,10 +57,14 @@ _ACTIVATION_PASSES = 8.0
 # a probe of the same machine (m = 1..12, widths 16..128, n = 1..8, batch 64..8192):
 # auto's pick then ran 2% slower than the fastest (geometric mean), 1.3x at worst, and
 # the predicted ratios between algorithms were off by 16% (s.d.).
-_MATMUL_EFFICIENCY = {"forward": 1.0, "fwdrev": 1.0, "nested": 1.0}
+_MATMUL_EFFICIENCY = {"forward": 1.0, "fwdrev": 1.0, "fwdadj": 1.0, "nested": 1.0}
 # XLA ops per affine layer in each algorithm's compiled program (counted in the
 # optimised HLO of a 3x64 tanh net): fixed costs a single point or a scan step pays.
-_OPS_PER_LAYER = {"forward": 4.0, "fwdrev": 8.0, "nested": 6.0}
+_OPS_PER_LAYER = {"forward": 4.0, "fwdrev": 8.0, "fwdadj": 4.0, "nested": 6.0}
+# fwdadj's passes per unit besides forward's rules: the pre-pass's copies of the values
+# and of the activation's derivatives (about 5), and per output the adjoint's product
+# with s' and its copy (2).
+_FWDADJ_PREPASS_PASSES = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +115,9 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
     """Per algorithm: its :class:`Work` for one point.
 
     ``layers`` lists the affine layers as (fan_in, fan_out), input layer first;
-    ``native``: which of forward and fwdrev run on the native kernel (True: both).
+    ``native``: which of forward, fwdrev and fwdadj run on the native kernel (True: all).
+    fwdadj is the native kernel's alone: elsewhere it runs forward's recursion, and its
+    work is forward's.
     """
     hidden = sum(o for _, o in layers[:-1])
     order = max(order, 1)
@@ -121,6 +129,7 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
         * hidden,
         "nested": _NESTED_PASSES * columns("nested", m, n, order) * hidden,
     }
+    elements["fwdadj"] = elements["forward"] + (_FWDADJ_PREPASS_PASSES + 2 * n) * hidden
     out = {}
     for name in ALGORITHMS:
         p = columns(name, m, n, order)
@@ -128,7 +137,13 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
         # flops counted at the plain product's rate: divided by the algorithm's efficiency
         flops = 2.0 * p / _MATMUL_EFFICIENCY[name]
         matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
+        if name == "fwdadj" and matmuls:  # after the last activation: forward's columns
+            fan_in, fan_out = multiplied[-1]
+            top = 2.0 * columns("forward", m, n, order) / _MATMUL_EFFICIENCY[name]
+            matmuls = (*matmuls[:-1], (fan_in, top * fan_in * fan_out))
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
+    if not (native is True or "fwdadj" in (native or ())):
+        out["fwdadj"] = out["forward"]
     for name in ANALYTIC if native is True else native or ():
         f = out[name]
         out[name] = Work(f.matmuls, f.elements * _NATIVE_ELEMENTWISE, 1.0)

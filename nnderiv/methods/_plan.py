@@ -1,6 +1,6 @@
 """Method objects: an analysis step per model, a compute step per batch, one place that decides.
 
-Every method (``"forward"``, ``"fwdrev"``, ``"analytic"``, ``"jet"``, ``"nested"``,
+Every method (``"forward"``, ``"fwdrev"``, ``"fwdadj"``, ``"analytic"``, ``"jet"``, ``"nested"``,
 ``"auto"``) is a :class:`Method` with two steps, as a linear solver has ``init`` and
 ``compute``:
 
@@ -31,8 +31,8 @@ from .jet import jet_method
 from .nested import nested
 
 #: What :meth:`Method.compute` can run.
-ALGORITHMS = ("forward", "fwdrev", "jet", "nested")
-TAYLOR = ("forward", "fwdrev")
+ALGORITHMS = ("forward", "fwdrev", "fwdadj", "jet", "nested")
+TAYLOR = ("forward", "fwdrev", "fwdadj")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,7 +117,7 @@ def _engine_work(net, analysis: Analysis, order: int) -> dict[str, float] | None
 
 
 def native_applies(net, analysis: Analysis, order: int, batch: int) -> tuple[str, ...]:
-    """Which analytic algorithms (forward, fwdrev) would run on the native kernel, or some of it.
+    """Which analytic algorithms (forward, fwdrev, fwdadj) would run on the native kernel, or some of it.
 
     A layered model runs on it whole; the engine's forward algorithm runs a model's
     layered prefixes on it (``_taylor.layered_prefixes``).
@@ -146,7 +146,10 @@ def predictions(net, analysis: Analysis, order: int, batch: int) -> dict[str, fl
     if analysis.structure is not None and order <= 3:
         native = native_applies(net, analysis, order, batch)
         layers, dtype = analysis.layers, analysis.structure.dtype
-        return _cost.predicted_seconds(layers, analysis.m, analysis.n, order, dtype, batch, native=native)
+        costs = _cost.predicted_seconds(layers, analysis.m, analysis.n, order, dtype, batch, native=native)
+        if "fwdadj" not in native:
+            del costs["fwdadj"]  # it would run forward's recursion: not a candidate of its own
+        return costs
     work = _engine_work(net, analysis, order)
     return {"nested": 1.0} if work is None else work
 
@@ -268,7 +271,7 @@ def in_layout(result, layout: str, m: int) -> Derivatives:
 
 
 def _engine(plan: Plan, net, x: jax.Array) -> Derivatives:
-    algorithms = {"forward": _taylor.forward, "fwdrev": _taylor.fwdrev}
+    algorithms = {"forward": _taylor.forward, "fwdrev": _taylor.fwdrev, "fwdadj": _taylor.fwdadj}
     try:
         return algorithms[plan.algorithm](net, x, plan.order, chunk=plan.chunk)
     except _network.UnsupportedModelError:
@@ -276,7 +279,7 @@ def _engine(plan: Plan, net, x: jax.Array) -> Derivatives:
             raise
         # The other program may have rules for everything (jacrev turns a cumprod into
         # sums and products); if neither has, its error names the primitive.
-        other = "fwdrev" if plan.algorithm == "forward" else "forward"
+        other = "forward" if plan.algorithm == "fwdrev" else "fwdrev"
         return algorithms[other](net, x, plan.order)
 
 
@@ -332,7 +335,10 @@ def _method(name: str, among: tuple[str, ...], doc: str) -> Method:
 
 forward_method = _method("forward", ("forward",), "Packed forward Taylor arithmetic at order k.")
 fwdrev_method = _method("fwdrev", ("fwdrev",), "Forward to order k - 1 over a reverse sweep.")
-analytic_method = _method("analytic", TAYLOR, "The faster of forward and fwdrev for this model and batch.")
+fwdadj_method = _method(
+    "fwdadj", ("fwdadj",), "Forward to order k - 1, the top order by first-order adjoints (native kernel)."
+)
+analytic_method = _method("analytic", TAYLOR, "The fastest of forward, fwdrev and fwdadj for this model and batch.")
 jet_method_obj = _method("jet", ("jet",), "jax.experimental.jet along C(m+k-1, k) directions.")
 nested_method = _method("nested", ("nested",), "Nested jacfwd over jacrev.")
-auto_method = _method("auto", ("forward", "fwdrev", "nested"), "The fastest algorithm that applies.")
+auto_method = _method("auto", ("forward", "fwdrev", "fwdadj", "nested"), "The fastest algorithm that applies.")
