@@ -27,7 +27,7 @@ def test_public_names():
     for name in ["from_flax", "derivs_fn", "derivatives", "Derivatives", "METHODS"]:
         assert hasattr(nnderiv, name)
     assert {"analytic", "jet", "nested", "auto"} <= set(nnderiv.METHODS)
-    assert set(nnderiv.METHODS) == {"analytic", "forward", "fwdrev", "jet", "nested", "auto"}
+    assert set(nnderiv.METHODS) == {"analytic", "forward", "fwdrev", "fwdadj", "jet", "nested", "auto"}
     assert nnderiv.Derivatives._fields == ("value", "jacobian", "hessian", "third")
 
 
