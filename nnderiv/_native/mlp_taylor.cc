@@ -241,10 +241,13 @@ struct Program {
 
   const Tables& tb() const { return *tbp; }
   int top_rows() const { return tbp->K - Kf; }  // fwdadj: the stack's top-order rows
+  // fwdadj, per point of a tile: two stacks, four value rows, each activation's s..s'''
+  // and n adjoints, two adjoint buffers, and the accumulators (top x n, up to 16 lanes).
+  int64_t fwdadj_point_size() const {
+    return (2 * tbp->K + 4 + nacts * (4 + n) + 2 * n) * maxld + 16 * (int64_t)top_rows() * n;
+  }
   size_t work_size() const {
-    if (fwdadj)
-      return (size_t)((2 * tbp->K + 4 + nacts * (4 + n) + 2 * n) * tile * maxld +
-                      (tile * 16 + 1) * top_rows() * n + (4 + tbp->P2) * maxld);
+    if (fwdadj) return (size_t)(tile * fwdadj_point_size() + top_rows() * n + (4 + tbp->P2) * maxld);
     if (fwdrev)
       return (size_t)((2 + nacts + 2 * n) * tile * Kf * maxld + tile * n * Kf * mpad + 2 * tile * maxld +
                       4 * maxld);
@@ -689,8 +692,7 @@ static void prepare(Program<T>& P, const Call<T>& c, int64_t slice, bool reuse) 
     // the pre-pass multiplies one row per point (and n adjoints), and a matmul of fewer
     // rows than the micro-kernel's 6 waits on its FMAs' latency (m = 3, 128 x 3, n = 1:
     // one point per tile ran 1.2x slower than forward, 6 per tile 1.35x faster).
-    const int64_t per_point =
-        ((2 * tb.K + 4 + P.nacts * (4 + P.n) + 2 * P.n) * ld + 16 * (int64_t)P.top_rows() * P.n) * (int64_t)sizeof(T);
+    const int64_t per_point = P.fwdadj_point_size() * (int64_t)sizeof(T);
     P.tile = std::max<int64_t>(6, std::min<int64_t>(16, (192 * 1024) / per_point));
     return;
   }
