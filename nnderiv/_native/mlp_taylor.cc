@@ -241,13 +241,16 @@ struct Program {
 
   const Tables& tb() const { return *tbp; }
   int top_rows() const { return tbp->K - Kf; }  // fwdadj: the stack's top-order rows
+  // fwdadj: a stack's rows, all K with a single activation (there the first activation's
+  // constant rule yields every order), else the Kf below the top order.
+  int fwdadj_stack_rows() const { return first_act == last_act ? tbp->K : Kf; }
   // fwdadj, per point of a tile: two stacks, four value rows, each activation's s..s'''
   // and n adjoints, two adjoint buffers, and the accumulators (top x n, up to 16 lanes).
   int64_t fwdadj_point_size() const {
-    return (2 * tbp->K + 4 + nacts * (4 + n) + 2 * n) * maxld + 16 * (int64_t)top_rows() * n;
+    return (2 * fwdadj_stack_rows() + 4 + nacts * (4 + n) + 2 * n) * maxld + 16 * (int64_t)top_rows() * n;
   }
   size_t work_size() const {
-    if (fwdadj) return (size_t)(tile * fwdadj_point_size() + top_rows() * n + (4 + tbp->P2) * maxld);
+    if (fwdadj) return (size_t)(tile * fwdadj_point_size() + top_rows() * n);
     if (fwdrev)
       return (size_t)((2 + nacts + 2 * n) * tile * Kf * maxld + tile * n * Kf * mpad + 2 * tile * maxld +
                       4 * maxld);
@@ -726,7 +729,7 @@ static double flops_per_point(const Program<T>& P) {
   if (P.fwdadj) {
     for (size_t s = P.first_act + 1; s < P.kinds.size(); ++s)
       if (P.kinds[s] == kAffineStage)
-        f += 2.0 * ((int)s < P.last_act ? P.Kf + 1 + P.n : P.tb().K) * P.affine[s].in * P.affine[s].out;
+        f += 2.0 * ((int)s < P.last_act ? P.Kf + 1 + P.n : P.fwdadj_stack_rows()) * P.affine[s].in * P.affine[s].out;
     return f + 1.0;
   }
   for (size_t s = 0; s < P.kinds.size(); ++s)

@@ -203,7 +203,7 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
     """Taylor columns per point and unit in the hidden layers: C(m+k, k) forward,
     (1 + n) C(m+k-1, k-1) fwdrev, C(m+k-1, k-1) + 1 + n fwdadj (the stacks below the top
     order, the pre-pass's value and its n adjoints; its layers after the last activation
-    carry forward's C(m+k, k))."""
+    carry C(m+k-1, k-1), or forward's C(m+k, k) with a single activation)."""
     if algorithm == "forward":
         return sum(_blocks(m, order))
     if algorithm == "fwdadj":

@@ -5,7 +5,8 @@ Every algorithm pushes a number of *columns* per point through each layer:
     forward  C(m+k, k)                (value, gradient, packed orders 2..k)
     fwdrev   (1 + n) C(m+k-1, k-1)    (forward to order k-1, n reverse sweeps)
     fwdadj   C(m+k-1, k-1) + 1 + n    (forward to order k-1, the top order by n first-order
-                                       adjoints; forward's columns after the last activation)
+                                       adjoints; C(m+k-1, k-1) after the last activation,
+                                       forward's columns with a single activation)
     nested   (1 + n) (1 + m)^(k-1)    (jacrev, then jacfwd k-1 times; no symmetry)
 
 for order ``k``. The analytic kernels skip the first layer's matmul (its Taylor
@@ -137,10 +138,13 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
         # flops counted at the plain product's rate: divided by the algorithm's efficiency
         flops = 2.0 * p / _MATMUL_EFFICIENCY[name]
         matmuls = tuple((fan_in, flops * fan_in * fan_out) for fan_in, fan_out in multiplied)
-        if name == "fwdadj" and matmuls:  # after the last activation: forward's columns
+        if name == "fwdadj" and matmuls:
+            # After the last activation the stacks carry the rows below the top order
+            # alone; with a single activation its constant rule yields every order, and
+            # the output layer maps forward's columns.
             fan_in, fan_out = multiplied[-1]
-            top = 2.0 * columns("forward", m, n, order) / _MATMUL_EFFICIENCY[name]
-            matmuls = (*matmuls[:-1], (fan_in, top * fan_in * fan_out))
+            trailing = inner if len(multiplied) > 1 else columns("forward", m, n, order)
+            matmuls = (*matmuls[:-1], (fan_in, 2.0 * trailing / _MATMUL_EFFICIENCY[name] * fan_in * fan_out))
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     if not (native is True or "fwdadj" in (native or ())):
         out["fwdadj"] = out["forward"]
