@@ -245,9 +245,9 @@ struct Program {
   // constant rule yields every order), else the Kf below the top order.
   int fwdadj_stack_rows() const { return first_act == last_act ? tbp->K : Kf; }
   // fwdadj, per point of a tile: two stacks, four value rows, each activation's s..s'''
-  // and n adjoints, two adjoint buffers, and the accumulators (top x n, up to 16 lanes).
+  // and n adjoints, two adjoint buffers, and the accumulators (top x n).
   int64_t fwdadj_point_size() const {
-    return (2 * fwdadj_stack_rows() + 4 + nacts * (4 + n) + 2 * n) * maxld + 16 * (int64_t)top_rows() * n;
+    return (2 * fwdadj_stack_rows() + 4 + nacts * (4 + n) + 2 * n) * maxld + (int64_t)top_rows() * n;
   }
   size_t work_size() const {
     if (fwdadj) return (size_t)(tile * fwdadj_point_size() + top_rows() * n);
@@ -730,6 +730,9 @@ static double flops_per_point(const Program<T>& P) {
     for (size_t s = P.first_act + 1; s < P.kinds.size(); ++s)
       if (P.kinds[s] == kAffineStage)
         f += 2.0 * ((int)s < P.last_act ? P.Kf + 1 + P.n : P.fwdadj_stack_rows()) * P.affine[s].in * P.affine[s].out;
+    if (P.first_act != P.last_act)  // each activation's adjoints against its top-order terms
+      for (int s = P.first_act; s <= P.last_act; ++s)
+        if (P.kinds[s] >= 0) f += 2.0 * P.n * P.top_rows() * P.width[s];
     return f + 1.0;
   }
   for (size_t s = 0; s < P.kinds.size(); ++s)
