@@ -135,10 +135,13 @@ def _packed_flops(m: int, n: int, width: int, depth: int) -> dict[str, int]:
     # Matmul flops per point after the first layer, from the closed forms (benchmarks/README.md).
     hidden, out = (depth - 1) * width * width, width * n
     c2, c3 = bench.math.comb(m + 2, 2), bench.math.comb(m + 3, 3)
+    top = bench.math.comb(m + 2, 3)  # the unique third-order coefficients
+    # fwdadj's contraction of the n adjoints with the top-order terms, per activation
+    contraction = 2 * n * top * width * depth if depth > 1 else 0
     return {
         "forward": 2 * c3 * (hidden + out),
         "fwdrev": 2 * (1 + n) * c2 * (hidden + out),
-        "fwdadj": 2 * (c2 + 1 + n) * hidden + 2 * (c2 if depth > 1 else c3) * out,
+        "fwdadj": 2 * (c2 + 1 + n) * hidden + 2 * (c2 if depth > 1 else c3) * out + contraction,
     }
 
 
@@ -147,8 +150,10 @@ def test_floor_terms():
     terms = bench.floor_terms(cfg)
     assert terms["K_forward"] == 20 and terms["K_fwdrev"] == 20 and terms["K_fwdadj"] == 12
     assert terms["macs_after_first"] == 64 * 64 * 2 + 64
-    # fwdadj: 12 columns through the hidden layers, the 10 below order 3 through the output layer
-    assert terms["algorithm"] == "fwdadj" and terms["flops"] == 1024 * (2 * 12 * 64 * 64 * 2 + 2 * 10 * 64)
+    # fwdadj: 12 columns through the hidden layers, the 10 below order 3 through the output
+    # layer, and at each of the 3 activations the 1 adjoint against the 10 top-order terms
+    flops = 2 * 12 * 64 * 64 * 2 + 2 * 10 * 64 + 3 * 2 * 1 * 10 * 64
+    assert terms["algorithm"] == "fwdadj" and terms["flops"] == 1024 * flops
     assert terms["flops"] == 1024 * min(_packed_flops(3, 1, 64, 3).values())
     wide = bench.floor_terms(bench.Config(m=16, width=64, depth=3, n=1, batch=1))
     assert wide["algorithm"] == "fwdadj" and wide["flops"] == min(_packed_flops(16, 1, 64, 3).values())

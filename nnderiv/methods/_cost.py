@@ -6,7 +6,9 @@ Every algorithm pushes a number of *columns* per point through each layer:
     fwdrev   (1 + n) C(m+k-1, k-1)    (forward to order k-1, n reverse sweeps)
     fwdadj   C(m+k-1, k-1) + 1 + n    (forward to order k-1, the top order by n first-order
                                        adjoints; C(m+k-1, k-1) after the last activation,
-                                       forward's columns with a single activation)
+                                       forward's columns with a single activation; plus,
+                                       per activation of w units, the (n x w)(w x C(m+k-1, k))
+                                       contraction of the adjoints with the top-order terms)
     nested   (1 + n) (1 + m)^(k-1)    (jacrev, then jacfwd k-1 times; no symmetry)
 
 for order ``k``. The analytic kernels skip the first layer's matmul (its Taylor
@@ -145,6 +147,13 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
             fan_in, fan_out = multiplied[-1]
             trailing = inner if len(multiplied) > 1 else columns("forward", m, n, order)
             matmuls = (*matmuls[:-1], (fan_in, 2.0 * trailing / _MATMUL_EFFICIENCY[name] * fan_in * fan_out))
+            if len(multiplied) > 1:
+                # The top order's contraction with the adjoints at every activation: the
+                # product (n x w) (w x top) of A_l and the top-order terms r_l, fused
+                # into the rule (r_l is never stored) but flops all the same.
+                top = comb(m + order - 1, order)
+                contraction = 2.0 * n * top / _MATMUL_EFFICIENCY[name]
+                matmuls = (*matmuls, *((w, contraction * w) for _, w in layers[:-1]))
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     if not (native is True or "fwdadj" in (native or ())):
         out["fwdadj"] = out["forward"]
