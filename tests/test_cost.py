@@ -8,6 +8,7 @@ be missing, stale or broken.
 
 from __future__ import annotations
 
+import inspect
 import json
 from math import comb
 
@@ -358,7 +359,8 @@ def measuring(tmp_path, monkeypatch):
             algorithm if chunk is None else f"{algorithm}@{chunk}"
         ),
     )
-    monkeypatch.setattr(_measured, "_seconds_per_call", lambda fn, x, target_s: fake[fn.algorithm])
+    # small batches are timed in a loop that wraps the candidate
+    monkeypatch.setattr(_measured, "_seconds_per_call", lambda fn, x, target_s: fake[inspect.unwrap(fn).algorithm])
     yield tmp_path, fake, timed, dtypes
     _calibration.reset()
     _measured.reset()
@@ -525,3 +527,30 @@ def test_the_engines_chunk_is_measured_among_the_rule_and_larger(measuring, monk
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     # A batch that fits one chunk has nothing to measure.
     assert nnderiv.METHODS["analytic"].init(net, 3, x.dtype, 3, 16, measure=True).chunk is None
+
+
+def test_small_batches_are_timed_in_a_loop_of_dependent_calls(monkeypatch):
+    """One point is timed as a simulation runs it, many calls inside one compiled loop: each
+    call is evaluated (its input depends on the last one's outputs), the total is theirs."""
+    from nnderiv.methods import _measured
+
+    def fn(x):
+        return (2.0 * x, jnp.sin(x))
+
+    x = jnp.asarray([[0.25, -0.5, 1.0]])
+    looped = _measured._in_loop(jax.jit(fn), 5)
+    want = 5 * float(jnp.sum(2.0 * x) + jnp.sum(jnp.sin(x)))
+    np.testing.assert_allclose(float(looped(x)), want, rtol=1e-14)
+    assert inspect.unwrap(looped) is not looped
+    # measure() loops the candidates of a small batch, not those of a large one
+    seen = {}
+    monkeypatch.setattr(_measured, "_write", lambda key, entry: None)
+    monkeypatch.setattr(_measured, "_seconds_per_call", lambda f, x, target_s: seen.setdefault(x.shape[0], f) and 1.0)
+    analysis = type("A", (), {"m": 3, "dtype": np.float64})()
+    candidates = {"a": jax.jit(fn), "b": jax.jit(fn)}
+    for batch in (1, _measured.LOOP_BATCH, 4 * _measured.LOOP_BATCH):
+        _measured.measure(f"test-{batch}", candidates, analysis, batch, rounds=1)
+    for small in (1, _measured.LOOP_BATCH):
+        assert seen[small] not in candidates.values() and seen[small].__wrapped__ in candidates.values()
+    assert seen[4 * _measured.LOOP_BATCH] in candidates.values()
+    _measured.reset()
