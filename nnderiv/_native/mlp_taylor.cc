@@ -730,7 +730,7 @@ static double flops_per_point(const Program<T>& P) {
     for (size_t s = P.first_act + 1; s < P.kinds.size(); ++s)
       if (P.kinds[s] == kAffineStage)
         f += 2.0 * ((int)s < P.last_act ? P.Kf + 1 + P.n : P.fwdadj_stack_rows()) * P.affine[s].in * P.affine[s].out;
-    if (P.first_act != P.last_act)  // each activation's adjoints against its top-order terms
+    if (P.first_act != P.last_act && P.tb().order >= 2)  // adjoints against the top-order terms
       for (int s = P.first_act; s <= P.last_act; ++s)
         if (P.kinds[s] >= 0) f += 2.0 * P.n * P.top_rows() * P.width[s];
     return f + 1.0;

@@ -147,7 +147,7 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
             fan_in, fan_out = multiplied[-1]
             trailing = inner if len(multiplied) > 1 else columns("forward", m, n, order)
             matmuls = (*matmuls[:-1], (fan_in, 2.0 * trailing / _MATMUL_EFFICIENCY[name] * fan_in * fan_out))
-            if len(multiplied) > 1:
+            if len(multiplied) > 1 and order >= 2:  # at order 1 the top-order terms are zero
                 # The top order's contraction with the adjoints at every activation: the
                 # product (n x w) (w x top) of A_l and the top-order terms r_l, fused
                 # into the rule (r_l is never stored) but flops all the same.
