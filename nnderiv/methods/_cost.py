@@ -33,6 +33,7 @@ import dataclasses
 from collections.abc import Sequence
 from math import comb
 
+from .. import _symmetric
 from .._taylor import _layered
 from . import _calibration
 
@@ -151,7 +152,7 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
                 # The top order's contraction with the adjoints at every activation: the
                 # product (n x w) (w x top) of A_l and the top-order terms r_l, fused
                 # into the rule (r_l is never stored) but flops all the same.
-                top = comb(m + order - 1, order)
+                top = _symmetric.num_unique(m, order)
                 contraction = 2.0 * n * top / _MATMUL_EFFICIENCY[name]
                 matmuls = (*matmuls, *((w, contraction * w) for _, w in layers[:-1]))
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
