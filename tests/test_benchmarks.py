@@ -136,8 +136,10 @@ def _packed_flops(m: int, n: int, width: int, depth: int) -> dict[str, int]:
     hidden, out = (depth - 1) * width * width, width * n
     c2, c3 = bench.math.comb(m + 2, 2), bench.math.comb(m + 3, 3)
     top = bench.math.comb(m + 2, 3)  # the unique third-order coefficients
-    # fwdadj's contraction of the n adjoints with the top-order terms, per activation
-    contraction = 2 * n * top * width * depth if depth > 1 else 0
+    # fwdadj's contraction of the n adjoints with the top-order terms, per activation: three
+    # multiply-adds form each term's rule and one per output contracts it (one output: three)
+    macs = 3 + n if n > 1 else 3
+    contraction = 2 * macs * top * width * depth if depth > 1 else 0
     return {
         "forward": 2 * c3 * (hidden + out),
         "fwdrev": 2 * (1 + n) * c2 * (hidden + out),
@@ -151,8 +153,9 @@ def test_floor_terms():
     assert terms["K_forward"] == 20 and terms["K_fwdrev"] == 20 and terms["K_fwdadj"] == 12
     assert terms["macs_after_first"] == 64 * 64 * 2 + 64
     # fwdadj: 12 columns through the hidden layers, the 10 below order 3 through the output
-    # layer, and at each of the 3 activations the 1 adjoint against the 10 top-order terms
-    flops = 2 * 12 * 64 * 64 * 2 + 2 * 10 * 64 + 3 * 2 * 1 * 10 * 64
+    # layer, and at each of the 3 activations the 1 adjoint against the 10 top-order terms,
+    # three multiply-adds per term and unit
+    flops = 2 * 12 * 64 * 64 * 2 + 2 * 10 * 64 + 3 * 2 * 3 * 10 * 64
     assert terms["algorithm"] == "fwdadj" and terms["flops"] == 1024 * flops
     assert terms["flops"] == 1024 * min(_packed_flops(3, 1, 64, 3).values())
     wide = bench.floor_terms(bench.Config(m=16, width=64, depth=3, n=1, batch=1))

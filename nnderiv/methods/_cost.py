@@ -7,8 +7,9 @@ Every algorithm pushes a number of *columns* per point through each layer:
     fwdadj   C(m+k-1, k-1) + 1 + n    (forward to order k-1, the top order by n first-order
                                        adjoints; C(m+k-1, k-1) after the last activation,
                                        forward's columns with a single activation; plus,
-                                       per activation of w units, the (n x w)(w x C(m+k-1, k))
-                                       contraction of the adjoints with the top-order terms)
+                                       per activation of w units, the contraction of the n
+                                       adjoints with the C(m+k-1, k) top-order terms: 3 + n
+                                       multiply-adds per term and unit at order 3, 3 if n = 1)
     nested   (1 + n) (1 + m)^(k-1)    (jacrev, then jacfwd k-1 times; no symmetry)
 
 for order ``k``. The analytic kernels skip the first layer's matmul (its Taylor
@@ -115,6 +116,16 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
 _NATIVE_ELEMENTWISE = 0.5
 
 
+def _top_rule_macs(order: int) -> int:
+    r"""Multiply-adds per top-order slot and unit that form fwdadj's rule r (one output: all).
+
+    Order 3: r_jkl = z_l c0 + z_jl c1 + z_kl c2 with c0 = s3 z_j z_k + s2 z_jk, c1 = s2 z_k
+    and c2 = s2 z_j formed once per pair (j, k) (s2, s3 the activation's second and third
+    derivatives); order 2: r_jk = z_k (s2 z_j).
+    """
+    return {2: 1, 3: 3}.get(order, 0)
+
+
 def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=False) -> dict[str, Work]:
     """Per algorithm: its :class:`Work` for one point.
 
@@ -149,11 +160,14 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
             trailing = inner if len(multiplied) > 1 else columns("forward", m, n, order)
             matmuls = (*matmuls[:-1], (fan_in, 2.0 * trailing / _MATMUL_EFFICIENCY[name] * fan_in * fan_out))
             if len(multiplied) > 1 and order >= 2:  # at order 1 the top-order terms are zero
-                # The top order's contraction with the adjoints at every activation: the
-                # product (n x w) (w x top) of A_l and the top-order terms r_l, fused
-                # into the rule (r_l is never stored) but flops all the same.
+                # The top order's contraction with the adjoints at every activation,
+                # sum_u A_l[i, u] r_l[slot, u], fused into the rule (r_l is never stored):
+                # per slot and unit, _top_rule_macs(order) multiply-adds form r and one per
+                # output contracts it; with one output the adjoint is folded into the
+                # rule's fixed factors and the rule's multiply-adds are the contraction.
                 top = _symmetric.num_unique(m, order)
-                contraction = 2.0 * n * top / _MATMUL_EFFICIENCY[name]
+                macs = _top_rule_macs(order) + (n if n > 1 else 0)
+                contraction = 2.0 * macs * top / _MATMUL_EFFICIENCY[name]
                 matmuls = (*matmuls, *((w, contraction * w) for _, w in layers[:-1]))
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     if not (native is True or "fwdadj" in (native or ())):
