@@ -554,3 +554,39 @@ def test_small_batches_are_timed_in_a_loop_of_dependent_calls(monkeypatch):
         assert seen[small] not in candidates.values() and seen[small].__wrapped__ in candidates.values()
     assert seen[4 * _measured.LOOP_BATCH] in candidates.values()
     _measured.reset()
+
+
+def test_a_large_batch_of_cheap_calls_is_timed_again_at_its_own_size(monkeypatch):
+    """Beyond MAX_POINTS, candidates fast at MAX_POINTS points are timed again on the whole
+    batch, whose timings decide (XLA parallelises a large batch, a small one not); slow ones
+    keep the first timing, and batches within MAX_POINTS are timed once."""
+    from nnderiv.methods import _measured
+
+    def fn(x):
+        return (2.0 * x,)
+
+    monkeypatch.setattr(_measured, "_write", lambda key, entry: None)
+    analysis = type("A", (), {"m": 2, "dtype": np.float64})()
+    candidates = {"a": jax.jit(fn), "b": jax.jit(fn)}
+
+    def run(batch, per_call):
+        sizes = []
+
+        def fake(f, x, target_s):
+            sizes.append(x.shape[0])
+            # "a" is faster on the first size, "b" on every larger one
+            first = x.shape[0] == min(batch, _measured.MAX_POINTS)
+            return per_call * (1.0 if (f is candidates["a"]) == first else 2.0)
+
+        monkeypatch.setattr(_measured, "_seconds_per_call", fake)
+        choice = _measured.measure(f"test-{batch}-{per_call}", candidates, analysis, batch, rounds=1)
+        return choice, sorted(set(sizes))
+
+    big = 2 * _measured.MAX_POINTS
+    short, long = _measured.SHORT_CALL_S / 10, _measured.SHORT_CALL_S * 10
+    assert run(big, short) == ("b", [_measured.MAX_POINTS, big])
+    assert run(big, long) == ("a", [_measured.MAX_POINTS])
+    assert run(_measured.MAX_POINTS, short) == ("a", [_measured.MAX_POINTS])
+    huge = 4 * _measured.FULL_POINTS
+    assert run(huge, short) == ("b", [_measured.MAX_POINTS, _measured.FULL_POINTS])
+    _measured.reset()
