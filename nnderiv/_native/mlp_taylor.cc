@@ -389,8 +389,9 @@ class Pool {
 
  private:
   // NNDERIV_NATIVE_SPIN_US (default 300; 0: block at once). Measured on the 2-core Zen 4
-  // VM, 64 points of m = 3, 64x3, called back to back and awaited: median 229, 216, 205 us
-  // per call blocking at once, 190, 191, 206 spinning 300 us (100 us: no gain).
+  // VM, 64 points of m = 3, 64x3, called back to back and awaited, alternated with a build
+  // that blocks at once: median 283 and 318 us per call against 235 and 203 (spinning
+  // 100 us, without the yield: no gain over blocking).
   static std::chrono::microseconds spin_time() {
     static const std::chrono::microseconds t{[] {
       const char* v = getenv("NNDERIV_NATIVE_SPIN_US");
