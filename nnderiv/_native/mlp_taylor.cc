@@ -775,7 +775,7 @@ static double flops_per_point(const Program<T>& P) {
         f += 2.0 * ((int)s < P.last_act ? P.Kf + 1 + P.n : P.fwdadj_stack_rows()) * P.affine[s].in * P.affine[s].out;
     if (P.first_act != P.last_act && P.tb().order >= 2) {  // adjoints against the top-order terms
       // multiply-adds per term and unit: the rule's (3 at order 3, 1 at order 2), one per
-      // output beyond a single one (methods/_cost.py, _top_rule_macs)
+      // output beyond a single one (methods/_cost.py, _contraction_macs)
       const double macs = (P.tb().order == 3 ? 3 : 1) + (P.n > 1 ? P.n : 0);
       for (int s = P.first_act; s <= P.last_act; ++s)
         if (P.kinds[s] >= 0) f += 2.0 * macs * P.top_rows() * P.width[s];

@@ -116,14 +116,16 @@ def columns(algorithm: str, m: int, n: int, order: int) -> int:
 _NATIVE_ELEMENTWISE = 0.5
 
 
-def _top_rule_macs(order: int) -> int:
-    r"""Multiply-adds per top-order slot and unit that form fwdadj's rule r (one output: all).
+def _contraction_macs(order: int, n: int) -> int:
+    r"""Multiply-adds per top-order slot and unit of fwdadj's contraction with n adjoints.
 
-    Order 3: r_jkl = z_l c0 + z_jl c1 + z_kl c2 with c0 = s3 z_j z_k + s2 z_jk, c1 = s2 z_k
-    and c2 = s2 z_j formed once per pair (j, k) (s2, s3 the activation's second and third
-    derivatives); order 2: r_jk = z_k (s2 z_j).
+    The rule r takes 3 at order 3, r_jkl = z_l c0 + z_jl c1 + z_kl c2 with c0 = s3 z_j z_k +
+    s2 z_jk, c1 = s2 z_k and c2 = s2 z_j formed once per pair (j, k) (s2, s3 the activation's
+    second and third derivatives), and 1 at order 2, r_jk = z_k (s2 z_j); each output then
+    takes one more, except a single output, folded into the c's.
     """
-    return {2: 1, 3: 3}.get(order, 0)
+    rule = {2: 1, 3: 3}.get(order, 0)
+    return rule + (n if n > 1 else 0)
 
 
 def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=False) -> dict[str, Work]:
@@ -162,12 +164,9 @@ def work(layers: Sequence[tuple[int, int]], m: int, n: int, order: int, native=F
             if len(multiplied) > 1 and order >= 2:  # at order 1 the top-order terms are zero
                 # The top order's contraction with the adjoints at every activation,
                 # sum_u A_l[i, u] r_l[slot, u], fused into the rule (r_l is never stored):
-                # per slot and unit, _top_rule_macs(order) multiply-adds form r and one per
-                # output contracts it; with one output the adjoint is folded into the
-                # rule's fixed factors and the rule's multiply-adds are the contraction.
+                # _contraction_macs multiply-adds per slot and unit.
                 top = _symmetric.num_unique(m, order)
-                macs = _top_rule_macs(order) + (n if n > 1 else 0)
-                contraction = 2.0 * macs * top / _MATMUL_EFFICIENCY[name]
+                contraction = 2.0 * _contraction_macs(order, n) * top / _MATMUL_EFFICIENCY[name]
                 matmuls = (*matmuls, *((w, contraction * w) for _, w in layers[:-1]))
         out[name] = Work(matmuls, float(elements[name]), _OPS_PER_LAYER[name] * len(layers))
     if not (native is True or "fwdadj" in (native or ())):

@@ -234,7 +234,7 @@ def measure(key: str, runs: dict, analysis, batch: int, rounds: int = 3, target_
     rng = np.random.default_rng(0)
     host_x = rng.uniform(-1.0, 1.0, (points, analysis.m)).astype(analysis.dtype)
     best = {name: float("inf") for name in runs}
-    timed_points = [points]  # the points of the timings kept
+    timed_points = points  # the points of the timings kept
     failed = []
     x64 = bool(jax.config.jax_enable_x64)  # the caller's, also when set by a thread-local context
 
@@ -250,10 +250,11 @@ def measure(key: str, runs: dict, analysis, batch: int, rounds: int = 3, target_
             failed.append(err)
 
     def _time_all(host_x):
+        nonlocal timed_points
         _time_at(host_x)
         full = min(int(batch), FULL_POINTS)
-        if full > timed_points[0] and max(best.values()) < SHORT_CALL_S:
-            timed_points[0] = full
+        if full > timed_points and max(best.values()) < SHORT_CALL_S:
+            timed_points = full
             _time_at(np.resize(host_x, (full, analysis.m)))
 
     def _time_at(host_x):
@@ -274,7 +275,7 @@ def measure(key: str, runs: dict, analysis, batch: int, rounds: int = 3, target_
     with _LOCK:
         _MEMORY[key] = choice
     when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    per_point = {k: v / (timed_points[0] * calls) for k, v in best.items()}
+    per_point = {k: v / (timed_points * calls) for k, v in best.items()}
     _write(key, {"algorithm": choice, "seconds_per_point": per_point, "measured": when})
     return choice
 
